@@ -1,0 +1,1 @@
+"""fsr.graph_passes"""
