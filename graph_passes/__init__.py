@@ -1,1 +1,14 @@
-"""fsr.graph_passes"""
+"""Graph-surgery passes (onnx-graphsurgeon): each is a small named ``Graph -> Graph`` function.
+
+- ``splice_focus_scan_refine``: insert ``fsr::FocusScanRefine`` (with its ONNX function body)
+  between the vision tower's outputs and the LLM's image tokens.
+- ``select_outputs``: keep (and rename) some graph outputs, dropping the rest and the
+  inputs nothing uses any more (``--method none``).
+- ``finalize``: cleanup, topological sort, shape inference and the full ``onnx.checker``.
+"""
+
+from fsr.graph_passes.finalize import finalize
+from fsr.graph_passes.select_outputs import select_outputs
+from fsr.graph_passes.splice_fsr import splice_focus_scan_refine
+
+__all__ = ["finalize", "select_outputs", "splice_focus_scan_refine"]

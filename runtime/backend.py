@@ -1,0 +1,119 @@
+"""The backend interface the pipeline runs on, and the registry of backends.
+
+Modelled on Polygraphy's runners: a ``Runner`` is cheap to construct, makes its
+resources in ``activate``, runs ``infer(feed_dict) -> dict`` (timing itself), and
+frees them in ``deactivate``. A ``Backend`` makes one runner per exported graph
+and moves arrays between host and its device. Arrays a runner returns are the
+backend's own (NumPy for ONNX Runtime, device tensors for TensorRT); the pipeline
+passes the KV cache from one step to the next without looking at it, so a device
+backend keeps it on the device.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """A backend cannot run here or cannot run this export; the message says why and what to do."""
+
+
+class Runner(abc.ABC):
+    def __init__(self, name: str, path: Path):
+        self.name, self.path = name, Path(path)
+        self.is_active = False
+        self.last_inference_time: float | None = None
+
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def infer(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
+        if not self.is_active:
+            raise BackendError(f"runner {self.name!r} is not active; call activate() first")
+        missing = [n for n in self.input_names if n not in feed_dict]
+        if missing:
+            raise BackendError(f"graph {self.name!r} needs input(s) {missing}")
+        start = time.perf_counter()
+        out = self.infer_impl({n: feed_dict[n] for n in self.input_names})
+        self.last_inference_time = time.perf_counter() - start
+        return out
+
+    @property
+    @abc.abstractmethod
+    def input_names(self) -> list[str]: ...
+
+    @property
+    @abc.abstractmethod
+    def output_names(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]: ...
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+class Backend(abc.ABC):
+    """Makes runners over an export's graphs and converts arrays to and from the host."""
+
+    name: str = "?"
+
+    def __init__(self, export_dir: Path, manifest: dict):
+        self.export_dir, self.manifest = Path(export_dir), manifest
+
+    @abc.abstractmethod
+    def runner(self, graph: str) -> Runner: ...
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return np.asarray(array)
+
+    def from_host(self, array: np.ndarray) -> Any:
+        return array
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing); a host backend has none."""
+
+
+_BACKENDS: dict[str, str] = {
+    "ort": "fsr.runtime.onnxrt:OnnxRuntimeBackend",
+    "trt": "fsr.runtime.trt:TensorRTBackend",
+}
+
+
+def backend_names() -> list[str]:
+    return list(_BACKENDS)
+
+
+def get_backend(name: str, export_dir: Path, manifest: dict, **options) -> Backend:
+    import importlib
+
+    if name not in _BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    module, cls = _BACKENDS[name].split(":")
+    try:
+        backend_cls = getattr(importlib.import_module(module), cls)
+    except ModuleNotFoundError as exc:
+        raise BackendError(f"backend {name!r} is not available in this installation ({exc})") from exc
+    return backend_cls(export_dir, manifest, **options)

@@ -1,0 +1,64 @@
+"""ONNX Runtime backend: the portable one (CPU here; CUDA where onnxruntime-gpu is installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsr.runtime.backend import Backend, BackendError, Runner
+
+
+class OnnxRuntimeRunner(Runner):
+    def __init__(self, name: str, path: Path, providers: list[str] | None = None, threads: int | None = None):
+        super().__init__(name, path)
+        self.providers, self.threads = providers, threads
+        self.session = None
+        self._inputs: list[str] = []
+        self._outputs: list[str] = []
+
+    def activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        providers = self.providers or ort.get_available_providers()
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime cannot load graph {self.name!r} ({self.path}): {exc}") from exc
+        self._inputs = [i.name for i in self.session.get_inputs()]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._outputs
+
+    def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
+        out = self.session.run(self._outputs, {k: np.ascontiguousarray(v) for k, v in feed_dict.items()})
+        return dict(zip(self._outputs, out))
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "ort"
+
+    def __init__(self, export_dir: Path, manifest: dict, providers: list[str] | None = None,
+                 threads: int | None = None):
+        super().__init__(export_dir, manifest)
+        self.providers, self.threads = providers, threads
+
+    def runner(self, graph: str) -> OnnxRuntimeRunner:
+        entry = self.manifest["graphs"].get(graph)
+        if entry is None:
+            raise BackendError(f"the export has no {graph!r} graph (it has {', '.join(self.manifest['graphs'])})")
+        return OnnxRuntimeRunner(graph, self.export_dir / entry["file"], self.providers, self.threads)

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny exports (made once per test session) and test images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from fsr.models.llava import load_model
+
+    return load_model("tiny")
+
+
+def _export(tmp_path_factory, name, **settings):
+    from fsr.export.llava import ExportSettings, export_llava
+    from fsr.models.llava import load_model
+
+    out = tmp_path_factory.mktemp("exports") / name
+    export_llava(load_model("tiny"), out, ExportSettings(**settings))
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_none(tmp_path_factory):
+    return _export(tmp_path_factory, "none", method="none")
+
+
+@pytest.fixture(scope="session")
+def export_fsr64(tmp_path_factory):
+    return _export(tmp_path_factory, "fsr64", method="fsr", budget=64)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Three PNGs with different sizes and content (structured, so saliency is not flat)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.RandomState(0)
+    paths = []
+    for i, (h, w) in enumerate([(240, 320), (336, 336), (500, 280)]):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([np.sin(x / (7 + i)), np.cos(y / (5 + 2 * i)), np.sin((x + y) / 11)], -1)
+        pixels = ((base * 0.4 + 0.5 + rng.rand(h, w, 3) * 0.2).clip(0, 1) * 255).astype("uint8")
+        path = folder / f"img{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+PROMPTS = ["What is this?", "Describe the image in detail, please.", "How many objects are there?"]
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return list(PROMPTS)
