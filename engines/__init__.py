@@ -1,0 +1,1 @@
+"""fsr.engines"""
