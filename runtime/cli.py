@@ -44,8 +44,12 @@ def run(
             print(r.text)
 
 
+app = typer.Typer(add_completion=False)
+app.command(help="Generate text for an image and a prompt with an exported model.")(run)
+
+
 def main() -> None:
-    typer.run(run)
+    app(prog_name="fsr-run")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""The traceable LLaVA parts compute what transformers computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fsr.models.llava import PRESETS, DecoderStep, ModelError, VisionPrefix, load_model
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 336, 336)
+
+
+def test_tiny_preset_geometry(tiny_model):
+    cfg = tiny_model.llava.config
+    assert (cfg.vision_config.image_size, cfg.vision_config.patch_size) == (336, 14)
+    assert cfg.text_config.num_key_value_heads < cfg.text_config.num_attention_heads  # grouped-query attention
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert tiny_model.processor.tokenizer.image_token == "<image>"
+    assert tiny_model.clip is not None and set(PRESETS) >= {"tiny", "small", "llava-1.5-7b"}
+
+
+def test_preset_is_deterministic():
+    a, b = load_model("tiny", seed=3).llava.state_dict(), load_model("tiny", seed=3).llava.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vision_prefix_matches_transformers(tiny_model, pixels):
+    llava = tiny_model.llava
+    prefix = VisionPrefix(llava, tiny_model.clip).eval()
+    with torch.no_grad():
+        tokens, features, saliency, relevance = prefix(pixels, torch.randn(2, 32))
+        hf = llava.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
+                                            vision_feature_select_strategy="default")
+        hidden = llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    assert tokens.shape == (2, 576, llava.config.text_config.hidden_size)
+    torch.testing.assert_close(tokens, torch.stack(list(hf.pooler_output)))
+    torch.testing.assert_close(features, hidden[-2][:, 1:])
+    assert relevance.shape == saliency.shape == (2, 576)
+    assert relevance.abs().max() <= 1 + 1e-6
+
+
+def test_saliency_is_cls_attention_of_the_feature_layer(tiny_model, pixels):
+    """CLS-row attention computed alone equals the eager attention probabilities of layer -2."""
+    from fsr.models.llava import load_model
+
+    eager = load_model("tiny").llava
+    eager.model.vision_tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = eager.model.vision_tower(pixels, output_attentions=True).attentions
+        _, _, saliency, _ = VisionPrefix(tiny_model.llava).eval()(pixels, torch.randn(2, 64))
+    expected = att[-2].mean(1)[:, 0, 1:]
+    torch.testing.assert_close(saliency, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(saliency, att[-1].mean(1)[:, 0, 1:])  # and not the last layer's
+
+
+def test_decoder_segments_compose(tiny_model):
+    """Layers [0,1) then [1,2) give the same logits and caches as [0,2): the split a method that
+    prunes inside the LLM (PIO-FVLM) will use."""
+    llava = tiny_model.llava
+    cfg = llava.config.text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    b, s, p = 2, 5, 3
+    torch.manual_seed(0)
+    past = [torch.randn(b, cfg.num_key_value_heads, p, hd) for _ in range(2 * cfg.num_hidden_layers)]
+    x = torch.randn(b, s, cfg.hidden_size)
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    mask[0, :2] = 0
+    pos = torch.arange(p, p + s).repeat(b, 1)
+    with torch.no_grad():
+        full = DecoderStep(llava)(x, mask, pos, *past)
+        h, *pres0 = DecoderStep(llava, 0, 1)(x, mask, pos, *past[:2])
+        logits, *pres1 = DecoderStep(llava, 1, 2)(h, mask, pos, *past[2:])
+    torch.testing.assert_close(logits, full[0])
+    for a, e in zip(pres0 + pres1, full[1:]):
+        torch.testing.assert_close(a, e)
+    with pytest.raises(ModelError, match="outside the LLM"):
+        DecoderStep(llava, 1, 5)
+
+
+def test_segmented_export_generates_the_same(tmp_path, export_none, images, prompts):
+    """An export whose decoder is cut after layer 1 generates exactly what the single decoder does."""
+    from fsr.export.llava import ExportSettings, export_llava
+    from fsr.runtime.pipeline import Pipeline
+
+    out = tmp_path / "split"
+    export_llava(load_model("tiny"), out, ExportSettings(method="none", decoder_splits=(1,)))
+    with Pipeline(out) as split, Pipeline(export_none) as whole:
+        assert split.segments == ["decoder_0", "decoder_1"]
+        a = split.generate(images[:2], prompts[:2], max_new_tokens=6)
+        b = whole.generate(images[:2], prompts[:2], max_new_tokens=6)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
