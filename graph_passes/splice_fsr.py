@@ -66,6 +66,7 @@ def splice_focus_scan_refine(
     function = _fsr_function(
         **attrs, num_tokens=num_tokens, token_dim=token_dim, feature_dim=feature_dim,
         has_relevance=use_relevance, dtype=_torch_dtype(tokens.dtype),
+        feature_dtype=_torch_dtype(features.dtype), score_dtype=_torch_dtype(saliency.dtype),
     )
     pruned = gs.Variable(outputs[0], dtype=tokens.dtype, shape=[batch, k, token_dim])
     kept = gs.Variable(outputs[1], dtype=np.int64, shape=[batch, k])
