@@ -25,6 +25,6 @@ def isolate_focus_scan_refine(graph: gs.Graph) -> gs.Graph:
         t.inputs.clear()  # they become graph inputs: cut their producers off
     graph.inputs = inputs
     graph.outputs = list(node.outputs)
-    graph.cleanup(remove_unused_graph_inputs=True)
+    graph.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)  # keep the op signature whole
     graph.functions = [f for f in graph.functions if f.name == FSR_OP and f.domain == FSR_DOMAIN]
     return graph

@@ -17,5 +17,5 @@ def select_outputs(graph: gs.Graph, keep: dict[str, str]) -> gs.Graph:
         tensor.name = new
         outputs.append(tensor)
     graph.outputs = outputs
-    graph.cleanup(remove_unused_graph_inputs=True)
+    graph.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)  # keep the op signature whole
     return graph

@@ -76,7 +76,7 @@ def splice_focus_scan_refine(
     graph.functions.append(function)
     graph.outputs = [pruned, kept]
     graph.import_domains = [*(graph.import_domains or []), *_missing_domains(graph, function)]
-    graph.cleanup(remove_unused_graph_inputs=True)
+    graph.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)  # keep the op signature whole
     return graph
 
 
