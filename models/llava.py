@@ -150,6 +150,7 @@ class LoadedModel:
     source: str  # what the user asked for (preset name, path or hub id)
     path: str | None  # resolved local folder, None for a preset built in memory
     preset: str | None = None
+    clip_tokenizer: object | None = None
 
 
 def resolve_model_path(model: str) -> Path:
@@ -186,7 +187,8 @@ def load_model(model: str | None = None, *, clip: str | None = None, seed: int =
     if model is None or model in PRESETS:
         name = model or "tiny"
         llava, clip_model, processor = build_preset(name, seed=seed, dtype=dtype)
-        return LoadedModel(llava, processor, clip_model, source=f"preset:{name}", path=None, preset=name)
+        return LoadedModel(llava, processor, clip_model, source=f"preset:{name}", path=None, preset=name,
+                           clip_tokenizer=build_byte_tokenizer(CLIP_MAX_TOKENS))
     path = resolve_model_path(model)
     try:
         llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
@@ -194,10 +196,14 @@ def load_model(model: str | None = None, *, clip: str | None = None, seed: int =
         raise ModelError(f"{path} could not be loaded as a LLaVA checkpoint: {exc}") from exc
     processor = AutoProcessor.from_pretrained(path)
     clip_path = Path(clip) if clip else path / CLIP_SUBFOLDER
-    clip_model = None
+    clip_model = clip_tokenizer = None
     if clip is not None or clip_path.is_dir():
-        clip_model = CLIPModel.from_pretrained(resolve_model_path(str(clip_path)), dtype=dtype).eval()
-    return LoadedModel(llava, processor, clip_model, source=model, path=str(path))
+        from transformers import AutoTokenizer
+
+        clip_path = resolve_model_path(str(clip_path))
+        clip_model = CLIPModel.from_pretrained(clip_path, dtype=dtype).eval()
+        clip_tokenizer = AutoTokenizer.from_pretrained(clip_path)
+    return LoadedModel(llava, processor, clip_model, source=model, path=str(path), clip_tokenizer=clip_tokenizer)
 
 
 def save_source(loaded: LoadedModel, folder: Path) -> None:
@@ -210,9 +216,7 @@ def save_source(loaded: LoadedModel, folder: Path) -> None:
     loaded.processor.save_pretrained(folder)
     if loaded.clip is not None:
         loaded.clip.save_pretrained(folder / CLIP_SUBFOLDER)
-        tok = build_byte_tokenizer(CLIP_MAX_TOKENS) if loaded.preset else None
-        if tok is not None:
-            tok.save_pretrained(folder / CLIP_SUBFOLDER)
+        loaded.clip_tokenizer.save_pretrained(folder / CLIP_SUBFOLDER)
 
 
 # ----------------------------------------------------------------------------- traceable parts

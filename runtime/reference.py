@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from fsr.export.manifest import read_manifest
-from fsr.models.llava import ClipTextEncoder, LoadedModel, TokenEmbedding, VisionPrefix, load_model
+from fsr.models.llava import CLIP_MAX_TOKENS, ClipTextEncoder, LoadedModel, TokenEmbedding, VisionPrefix, load_model
 from fsr.runtime.inputs import (
-    InputError, assemble_prefill, clip_chunks, eos_token_ids, format_prompt, instruction_text, load_image,
+    InputError, assemble_prefill, clip_chunks, format_prompt, instruction_text, load_image,
     tokenize_prompts,
 )
 from fsr.runtime.pipeline import GenerationResult
@@ -22,8 +22,7 @@ from fsr.runtime.pipeline import GenerationResult
 
 class ReferencePipeline:
     def __init__(self, loaded: LoadedModel, *, method: str = "fsr", budget: int | None = 64,
-                 fsr: dict | None = None, relevance: str | None = "clip", source: Path | None = None,
-                 device: str = "cpu"):
+                 fsr: dict | None = None, relevance: str | None = "clip", device: str = "cpu"):
         self.loaded, self.method, self.budget = loaded, method, budget
         self.fsr = fsr or {}
         self.relevance = relevance if method != "none" else None
@@ -38,19 +37,10 @@ class ReferencePipeline:
         self.vision_prefix = VisionPrefix(self.llava, clip).eval()
         self.text_encoder = ClipTextEncoder(clip).eval() if clip is not None else None
         self.embedding = TokenEmbedding(self.llava).eval()
-        self.eos = eos_token_ids(Path(source), self.tokenizer) if source else {self.tokenizer.eos_token_id}
-        if self.llava.generation_config.eos_token_id is not None and not source:
-            eos = self.llava.generation_config.eos_token_id
-            self.eos = set(eos if isinstance(eos, list) else [eos])
+        eos = self.llava.generation_config.eos_token_id  # as saved in generation_config.json
+        self.eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else {self.tokenizer.eos_token_id}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.clip_tokenizer = None
-        if clip is not None:
-            from fsr.models.tokenizer import build_byte_tokenizer
-            from transformers import AutoTokenizer
-
-            clip_dir = Path(loaded.path) / "clip" if loaded.path else None
-            self.clip_tokenizer = (AutoTokenizer.from_pretrained(clip_dir) if clip_dir and clip_dir.is_dir()
-                                   else build_byte_tokenizer(77))
+        self.clip_tokenizer = loaded.clip_tokenizer
 
     @classmethod
     def from_export(cls, export_dir, device: str = "cpu") -> "ReferencePipeline":
@@ -61,7 +51,7 @@ class ReferencePipeline:
         loaded = load_model(str(source))
         relevance = (manifest.get("relevance") or {}).get("source")
         return cls(loaded, method=manifest["method"], budget=manifest["budget"], fsr=manifest.get("fsr"),
-                   relevance=relevance, source=source, device=device)
+                   relevance=relevance, device=device)
 
     def _t(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -73,7 +63,7 @@ class ReferencePipeline:
         rows = []
         for text in instructions:
             if self.relevance == "clip":
-                ids, mask = clip_chunks(self.clip_tokenizer, text, 77)
+                ids, mask = clip_chunks(self.clip_tokenizer, text, CLIP_MAX_TOKENS)
                 rows.append(self.text_encoder(self._t(ids), self._t(mask)).float().mean(0))
             else:
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
