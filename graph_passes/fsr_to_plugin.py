@@ -15,7 +15,9 @@ After::
 
 The op type is the plugin's name; the node keeps its inputs, outputs, name and
 attributes (``budget, alpha, beta, rho, kappa``), so the plugin reads the same
-attributes the function was built for. Every other node is left as it was.
+attributes the function was built for. An omitted ``relevance`` (an empty fourth input
+name) is dropped, as the plugin takes three inputs for "no relevance". Every other
+node is left as it was.
 
 The result is for TensorRT only (with ``libfsr_plugin.so`` loaded): ONNX Runtime has no
 kernel for the op. ``onnx.checker`` accepts it with ``full_check``: the ``fsr`` domain is
@@ -50,6 +52,8 @@ def fsr_function_to_plugin(graph: gs.Graph) -> gs.Graph:
     for node in nodes:
         node.op = PLUGIN_NAME
         node.attrs.update(PLUGIN_ATTRS)
+        while node.inputs and not node.inputs[-1].name:  # omitted relevance: 3 inputs for the plugin
+            node.inputs.pop()
     if nodes:
         graph.functions = [f for f in graph.functions if not (f.domain == FSR_DOMAIN and f.name == FSR_OP)]
     log.info("fsr_function_to_plugin: %d FocusScanRefine node(s) now call plugin %s::%s v%s",

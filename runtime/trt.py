@@ -87,7 +87,8 @@ class TensorRTRunner(Runner):
         self.runtime = t.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise BackendError(f"{self.trt.label} cannot load {self.entry['file']} ({'; '.join(self.logger.errors())}); "
+            errors = "; ".join(self.logger.errors())
+            raise BackendError(f"{self.trt.label} cannot load {self.entry['file']} ({errors}); "
                                "engines are tied to the TensorRT version (and, for full TensorRT, the GPU) that "
                                "built them: run fsr-build again on this machine")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -239,8 +240,10 @@ class TensorRTBackend(Backend):
         entry_graph = self.manifest["graphs"].get(graph)
         if entry_graph is None:
             raise BackendError(f"the export has no {graph!r} graph (it has {', '.join(self.manifest['graphs'])})")
+        # ``plugin`` concerns the graphs that have a plugin form (vision); the others have one engine kind
+        plugin = self.plugin if graph in (self.manifest.get("plugin_graphs") or {}) else None
         try:
-            entry = check_engine_fresh(self.manifest, self.export_dir, graph, self.precision, self.plugin)
+            entry = check_engine_fresh(self.manifest, self.export_dir, graph, self.precision, plugin)
         except ManifestError as exc:
             raise BackendError(str(exc)) from exc
         built = entry["tensorrt"]

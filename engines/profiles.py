@@ -1,0 +1,112 @@
+"""Optimization profiles from the manifest's input shapes and the build flags.
+
+Every dynamic dimension of an exported graph is named (``fsr-export`` names them);
+a profile gives each input a (min, opt, max) shape:
+
+=================  ==========================  =====================================
+dimension          prefill / any other graph   decode (graphs with a KV cache only)
+=================  ==========================  =====================================
+``batch``          1, 1, max_batch             1, 1, max_batch
+``sequence``       1, S, max_seq               1, 1, 1
+``past_sequence``  0, 0, 0                     0, P, max_seq - 1
+``total_sequence`` 1, S, max_seq               1, P + 1, max_seq
+static ``n``       n, n, n                     n, n, n
+=================  ==========================  =====================================
+
+``max_seq`` is the longest context (prompt with its image tokens, plus generated
+tokens). The opt lengths come from the export: ``S = min(max_seq, kept image tokens +
+64)`` (a typical prompt), ``P = min(max_seq - 1, S)``.
+
+A graph with ``past_sequence`` (the decoder) gets two profiles, so TensorRT tunes
+prefill (many new tokens, empty cache) and decode (one new token, a growing cache)
+separately; ``total = past + sequence`` holds at each profile's min, opt and max.
+The runtime picks the first profile that contains a call's shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+KNOWN_DIMS = ("batch", "sequence", "past_sequence", "total_sequence")
+TYPICAL_TEXT_TOKENS = 64
+
+
+class ProfileError(ValueError):
+    """The flags or a graph's shapes cannot make a valid profile; the message says which."""
+
+
+@dataclasses.dataclass
+class Profile:
+    name: str
+    shapes: dict[str, tuple[list[int], list[int], list[int]]]  # input -> (min, opt, max)
+    dims: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # named dim -> [min, opt, max]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dims": self.dims,
+                "shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Profile":
+        return cls(data["name"], {k: (v["min"], v["opt"], v["max"]) for k, v in data["shapes"].items()},
+                   dict(data.get("dims") or {}))
+
+    def contains(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        for name, shape in shapes.items():
+            lo, _, hi = self.shapes[name]
+            if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return False
+        return True
+
+    def describe(self) -> str:
+        """``prefill: batch 1..2 (opt 1), sequence 1..128 (opt 128), ...`` (static-only graphs: the shapes)."""
+        if self.dims:
+            parts = [f"{d} {lo}" if lo == hi else f"{d} {lo}..{hi} (opt {opt})"
+                     for d, (lo, opt, hi) in self.dims.items()]
+        else:
+            parts = [f"{n} {lo}" for n, (lo, _, _) in self.shapes.items()]
+        return f"{self.name}: " + ", ".join(parts)
+
+
+def check_limits(max_batch: int, max_seq: int) -> None:
+    if max_batch < 1:
+        raise ProfileError(f"--max-batch must be >= 1 (got {max_batch})")
+    if max_seq < 2:
+        raise ProfileError(f"--max-seq must be >= 2 (got {max_seq}): a prompt token plus one generated token")
+
+
+def typical_sequence(manifest: dict, max_seq: int) -> int:
+    image_tokens = manifest.get("kept_image_tokens") or 0
+    return max(1, min(max_seq, image_tokens + TYPICAL_TEXT_TOKENS))
+
+
+def graph_profiles(manifest: dict, graph: str, max_batch: int, max_seq: int) -> list[Profile]:
+    """The profiles of ``graph`` (an entry of ``manifest["graphs"]``) for these limits."""
+    check_limits(max_batch, max_seq)
+    entry = manifest["graphs"][graph]
+    s = typical_sequence(manifest, max_seq)
+    p = min(max_seq - 1, s)
+    prefill = {"batch": (1, 1, max_batch), "sequence": (1, s, max_seq),
+               "past_sequence": (0, 0, 0), "total_sequence": (1, s, max_seq)}
+    decode = {"batch": (1, 1, max_batch), "sequence": (1, 1, 1),
+              "past_sequence": (0, p, max_seq - 1), "total_sequence": (1, p + 1, max_seq)}
+    has_cache = any(d == "past_sequence" for i in entry["inputs"] for d in i["shape"])
+    ranges = [("prefill", prefill), ("decode", decode)] if has_cache else [("default", prefill)]
+    used = [d for d in KNOWN_DIMS if any(d in i["shape"] for i in entry["inputs"])]
+    return [Profile(name, {i["name"]: _input_range(graph, i, r) for i in entry["inputs"]},
+                    {d: list(r[d]) for d in used})
+            for name, r in ranges]
+
+
+def _input_range(graph: str, spec: dict, ranges: dict) -> tuple[list[int], list[int], list[int]]:
+    lo, opt, hi = [], [], []
+    for dim in spec["shape"]:
+        if isinstance(dim, int) and dim > 0:
+            a = b = c = dim
+        elif dim in ranges:
+            a, b, c = ranges[dim]
+        else:
+            raise ProfileError(
+                f"graph {graph!r}, input {spec['name']!r}: dimension {dim!r} is neither static nor one fsr-build "
+                f"knows ({', '.join(KNOWN_DIMS)}); export the graph again with fsr-export")
+        lo.append(a), opt.append(b), hi.append(c)
+    return lo, opt, hi

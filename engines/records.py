@@ -1,0 +1,118 @@
+"""Engines and plugin graphs in ``manifest.json``, and the check that an engine is still fresh.
+
+``fsr-build`` adds two sections to an export's manifest::
+
+    "engines": {
+      "vision.fp16": {
+        "graph": "vision", "precision": "fp16", "plugin": false,
+        "file": "engines/vision.fp16.engine", "size_bytes": ..., "sha256": ...,
+        "source": {"file": "vision.onnx", "files": {"vision.onnx": "<sha256>"}},
+        "profiles": [{"name": "default", "shapes": {"pixel_values": {"min": [...], "opt": [...], "max": [...]}}}],
+        "tensorrt": {"flavour": "tensorrt_rtx", "version": "1.7.1.116"},
+        "built": "2026-...", "build_seconds": 3.1, "low_precision_nodes": 117
+      }, ...
+    },
+    "plugin_graphs": {
+      "vision": {"file": "vision.plugin.onnx", "files": {"vision.plugin.onnx": "<sha256>"},
+                 "source_files": {"vision.onnx": "<sha256>"},
+                 "plugin": {"name": "FocusScanRefine", "version": "1", "namespace": "fsr"}, "nodes": 1}
+    }
+
+``source.files`` holds the hash of every file the engine was built from (a plugin
+engine: the plugin graph and the graph it was made from). `check_engine_fresh`
+recomputes them, so a runtime refuses an engine whose ONNX changed since the build,
+without needing a GPU. The manifest is always rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from fsr.export.manifest import MANIFEST, ManifestError, read_manifest, sha256
+
+ENGINES_DIR = "engines"
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class StaleEngineError(ManifestError):
+    """An engine no longer matches the ONNX it was built from (or is missing); rebuild it."""
+
+
+def engine_id(graph: str, precision: str, plugin: bool = False) -> str:
+    return f"{graph}.plugin.{precision}" if plugin else f"{graph}.{precision}"
+
+
+def engine_path(export_dir: Path, graph: str, precision: str, plugin: bool = False) -> Path:
+    return Path(export_dir) / ENGINES_DIR / f"{engine_id(graph, precision, plugin)}.engine"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_manifest(export_dir: Path, change: Callable[[dict], None]) -> dict:
+    """Re-read the manifest, apply ``change`` to it, write it back atomically; returns it."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    change(manifest)
+    write_atomic(export_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def hash_files(export_dir: Path, rels) -> dict[str, str]:
+    return {rel: sha256(Path(export_dir) / rel) for rel in rels}
+
+
+def select_engine(manifest: dict, graph: str, precision: str | None = None,
+                  plugin: bool | None = None) -> tuple[str, dict]:
+    """The engine to run for ``graph``: filtered by ``precision`` and ``plugin`` when given;
+    among several, the plugin engine first, then the most recently built."""
+    engines = manifest.get("engines") or {}
+    matches = [(eid, e) for eid, e in engines.items() if e["graph"] == graph
+               and (precision is None or e["precision"] == precision)
+               and (plugin is None or bool(e.get("plugin")) == plugin)]
+    if not matches:
+        wanted = " ".join(filter(None, [precision, "plugin" if plugin else None]))
+        have = ", ".join(sorted(engines)) or "none"
+        raise ManifestError(f"the export has no {wanted + ' ' if wanted else ''}TensorRT engine for graph {graph!r} "
+                            f"(engines: {have}); run fsr-build first")
+    matches.sort(key=lambda m: (bool(m[1].get("plugin")), m[1].get("built", "")), reverse=True)
+    return matches[0]
+
+
+def check_engine_fresh(manifest: dict, export_dir: Path, graph: str, precision: str | None = None,
+                       plugin: bool | None = None) -> dict:
+    """Select the engine of ``graph`` and make sure it still matches its ONNX; returns its entry.
+
+    Raises `StaleEngineError` when the engine file is missing or any source file changed
+    (or is gone) since the build. Needs no GPU and no TensorRT.
+    """
+    export_dir = Path(export_dir)
+    eid, entry = select_engine(manifest, graph, precision, plugin)
+    engine = export_dir / entry["file"]
+    if not engine.is_file():
+        raise StaleEngineError(f"engine {entry['file']} ({eid}) is missing; run fsr-build again")
+    for rel, digest in entry["source"]["files"].items():
+        source = export_dir / rel
+        if not source.is_file():
+            raise StaleEngineError(f"{rel}, the ONNX engine {entry['file']} was built from, is missing; "
+                                   "export again and run fsr-build again")
+        if sha256(source) != digest:
+            raise StaleEngineError(f"engine {entry['file']} refused: {rel} changed since the engine was built; "
+                                   "run fsr-build again")
+    return entry

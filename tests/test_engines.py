@@ -1,0 +1,283 @@
+"""fsr-build: precision rewrite, profiles, TensorRT(-RTX) engine builds, manifest records, staleness.
+
+The builds need ``tensorrt`` or ``tensorrt_rtx`` (TensorRT-RTX builds ahead of time on
+this CPU-only machine) and skip without either. Builds run on copies of the session's
+tiny exports; the fixtures themselves are never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper
+
+from fsr.engines.precision import cast_to_precision, convert_onnx_file
+from fsr.engines.profiles import ProfileError, graph_profiles
+from fsr.engines.records import StaleEngineError, check_engine_fresh, select_engine
+from fsr.export.manifest import ManifestError, read_manifest, sha256
+
+MAX_BATCH, MAX_SEQ = 2, 128
+
+
+def _tensorrt():
+    from fsr.engines.trt_import import TensorRTMissing, import_tensorrt
+
+    try:
+        return import_tensorrt()
+    except TensorRTMissing as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc}")
+
+
+# -- precision rewrite (no TensorRT needed) ------------------------------------------------
+
+
+def _elem_types(model):
+    return {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _value_types(model):
+    inferred = onnx.shape_inference.infer_shapes(model)
+    vi = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in vi}
+    types.update({t.name: t.data_type for t in inferred.graph.initializer})
+    return types
+
+
+def test_fp16_rewrite_of_decoder_matches_fp32_in_onnxruntime(export_fsr64, tmp_path):
+    import onnxruntime as ort
+
+    src = export_fsr64 / "decoder.onnx"
+    dst = tmp_path / "decoder.fp16.onnx"
+    changed = convert_onnx_file(src, dst, "fp16")
+    before, after = onnx.load(src), onnx.load(dst)
+    assert changed > 0
+    assert _elem_types(after) == _elem_types(before)  # bindings keep their types
+    types = _value_types(after)
+    matmuls = [n for n in after.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(types[i] == TensorProto.FLOAT16 for n in matmuls for i in n.input)
+    for n in after.graph.node:  # reductions and softmax stay fp32
+        if n.op_type in ("Softmax", "ReduceMean", "Pow"):
+            assert types[n.input[0]] == TensorProto.FLOAT, n.name
+
+    rng = np.random.RandomState(0)
+    feeds = {"inputs_embeds": rng.randn(2, 5, 64).astype(np.float32), "attention_mask": np.ones((2, 8), np.int64),
+             "position_ids": np.tile(np.arange(3, 8), (2, 1)).astype(np.int64)}
+    feeds.update({f"past_key_values.{i}.{k}": rng.randn(2, 2, 3, 16).astype(np.float32)
+                  for i in range(2) for k in ("key", "value")})
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    for a, b in zip(run(src), run(dst)):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(b, a, atol=2e-3 * max(1.0, np.abs(a).max()))
+
+
+def test_fp16_rewrite_keeps_fsr_node_fp32_and_same_kept_indices(export_fsr64, tmp_path):
+    import onnxruntime as ort
+
+    src = export_fsr64 / "vision.onnx"
+    dst = tmp_path / "vision.fp16.onnx"
+    convert_onnx_file(src, dst, "fp16")
+    after = onnx.load(dst)
+    fsr = next(n for n in after.graph.node if n.op_type == "FocusScanRefine")
+    types = _value_types(after)
+    assert all(types[i] == TensorProto.FLOAT for i in fsr.input if i)  # score math stays fp32
+    assert any(n.op_type == "Conv" and types[n.input[1]] == TensorProto.FLOAT16 for n in after.graph.node)
+
+    rng = np.random.RandomState(1)
+    feeds = {"pixel_values": rng.randn(2, 3, 336, 336).astype(np.float32),
+             "instruction_embeds": rng.randn(2, 32).astype(np.float32)}
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    (tok32, idx32), (tok16, idx16) = run(src), run(dst)
+    assert (idx16 == idx32).mean() > 0.9  # fp16 features may flip a near-tie, rarely
+    same = idx16 == idx32
+    np.testing.assert_allclose(tok16[same], tok32[same], atol=2e-3)
+
+
+def _toy(dtype=TensorProto.FLOAT, with_matmul=True):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])] if with_matmul else \
+        [helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("x", dtype, [2, 4])],
+        [helper.make_tensor_value_info("y", dtype, [2, 4])],
+        [helper.make_tensor("w", dtype, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())] if with_matmul else [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_precision_rewrite_does_not_fire_on_fp16_graph():
+    model = _toy(TensorProto.FLOAT16)
+    graph, changed = cast_to_precision(gs.import_onnx(model), "fp16")
+    out = gs.export_onnx(graph)
+    assert changed == 0
+    assert [n.op_type for n in out.graph.node] == ["MatMul"]
+    assert out.graph.initializer[0].data_type == TensorProto.FLOAT16
+
+
+def test_precision_rewrite_toy_counts_and_bf16(tmp_path):
+    graph, changed = cast_to_precision(gs.import_onnx(_toy()), "fp16")
+    assert changed == 1
+    ops = [n.op for n in graph.nodes]
+    assert ops.count("Cast") == 2 and "MatMul" in ops  # x -> fp16, y back to fp32
+    graph, changed = cast_to_precision(gs.import_onnx(_toy(with_matmul=False)), "bf16")
+    assert changed == 0 and [n.op for n in graph.nodes] == ["Relu"]
+    onnx.save(_toy(), tmp_path / "toy.onnx")
+    convert_onnx_file(tmp_path / "toy.onnx", tmp_path / "toy.bf16.onnx", "bf16")
+    model = onnx.load(tmp_path / "toy.bf16.onnx")
+    assert model.graph.initializer[0].data_type == TensorProto.BFLOAT16
+
+
+# -- profiles --------------------------------------------------------------------------------
+
+
+def test_profiles_from_manifest(export_fsr64):
+    manifest = read_manifest(export_fsr64)
+    prefill, decode = graph_profiles(manifest, "decoder", MAX_BATCH, MAX_SEQ)
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    for p in (prefill, decode):
+        for k in range(3):  # min, opt, max: total = past + sequence
+            emb, mask, past = (p.shapes[n][k] for n in ("inputs_embeds", "attention_mask", "past_key_values.0.key"))
+            assert mask[1] == past[2] + emb[1]
+            assert emb[2] == 64 and past[1] == 2 and past[3] == 16  # static dims from the manifest
+    assert prefill.shapes["inputs_embeds"][2] == [MAX_BATCH, MAX_SEQ, 64]
+    assert decode.shapes["past_key_values.1.value"][0][2] == 0  # an empty cache is allowed
+    assert decode.contains({"inputs_embeds": (1, 1, 64)}) and not prefill.contains({"inputs_embeds": (1, 200, 64)})
+    [vision] = graph_profiles(manifest, "vision", MAX_BATCH, MAX_SEQ)
+    assert vision.shapes["pixel_values"] == ([1, 3, 336, 336], [1, 3, 336, 336], [2, 3, 336, 336])
+
+    bad = json.loads(json.dumps(manifest))
+    bad["graphs"]["embed"]["inputs"][0]["shape"][1] = "tokens"
+    with pytest.raises(ProfileError, match="'tokens'"):
+        graph_profiles(bad, "embed", MAX_BATCH, MAX_SEQ)
+    with pytest.raises(ProfileError, match="--max-seq"):
+        graph_profiles(manifest, "embed", 1, 1)
+
+
+# -- builds ----------------------------------------------------------------------------------
+
+
+def _copy(export, tmp_path_factory, name):
+    dst = tmp_path_factory.mktemp("engines") / name
+    shutil.copytree(export, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def built_none(export_none, tmp_path_factory):
+    from fsr.engines.builder import BuildSettings, build_engines
+
+    _tensorrt()
+    export = _copy(export_none, tmp_path_factory, "none")
+    for precision in ("fp32", "fp16"):
+        build_engines(export, BuildSettings(precision=precision, max_batch=MAX_BATCH, max_seq=MAX_SEQ))
+    return export
+
+
+@pytest.fixture(scope="module")
+def built_fsr64(export_fsr64, tmp_path_factory):
+    """fp32 through the Python API, fp16 through the ``fsr-build`` CLI."""
+    from typer.testing import CliRunner
+
+    from fsr.engines.builder import BuildSettings, build_engines
+    from fsr.engines.cli import app
+
+    trt = _tensorrt()
+    export = _copy(export_fsr64, tmp_path_factory, "fsr64")
+    build_engines(export, BuildSettings(precision="fp32", max_batch=MAX_BATCH, max_seq=MAX_SEQ))
+    result = CliRunner().invoke(app, [str(export), "--precision", "fp16", "--max-batch", str(MAX_BATCH),
+                                      "--max-seq", str(MAX_SEQ)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "engines/vision.fp16.engine" in result.output and trt.version in result.output
+    return export
+
+
+@pytest.mark.parametrize("which", ["built_none", "built_fsr64"])
+def test_every_graph_has_engines_recorded_with_source_hashes(which, request):
+    export = request.getfixturevalue(which)
+    trt = _tensorrt()
+    manifest = read_manifest(export, verify=True)  # building left the export's graphs intact
+    precisions = ("fp32", "fp16")
+    report = json.loads((export / "engines" / "build_report.json").read_text())
+    for graph, g in manifest["graphs"].items():
+        for precision in precisions:
+            name = f"{graph}.{precision}"
+            entry = manifest["engines"][name]
+            engine = export / entry["file"]
+            assert entry["file"] == f"engines/{graph}.{precision}.engine" and engine.stat().st_size > 10_000
+            assert entry["size_bytes"] == engine.stat().st_size and entry["sha256"] == sha256(engine)
+            assert entry["source"]["file"] == g["file"]
+            assert entry["source"]["files"] == {g["file"]: sha256(export / g["file"])}
+            assert entry["tensorrt"] == {"flavour": trt.flavour, "version": trt.version}
+            assert entry["profiles"] and not entry["plugin"]
+            if precision == "fp16":
+                assert entry["low_precision_nodes"] > 0
+            row = report["engines"][name]
+            assert row["precision"] == precision and row["size_bytes"] == entry["size_bytes"]
+            assert row["build_seconds"] > 0 and row["flavour"] == trt.flavour and row["version"] == trt.version
+            assert row["profiles"] == entry["profiles"]
+            assert check_engine_fresh(manifest, export, graph, precision) == entry
+    assert set(report["last_run"]) >= {"tensorrt", "timing_cache", "precision", "total_seconds"}
+    if trt.has_timing_cache:
+        assert (export / "engines" / "timing.cache").stat().st_size > 0
+    else:
+        assert "no-ops" in report["last_run"]["timing_cache"]
+
+
+def test_plugin_graph_is_written_and_recorded(built_fsr64, built_none):
+    manifest = read_manifest(built_fsr64)
+    record = manifest["plugin_graphs"]["vision"]
+    assert record["file"] == "vision.plugin.onnx" and record["nodes"] == 1
+    assert record["files"] == {"vision.plugin.onnx": sha256(built_fsr64 / "vision.plugin.onnx")}
+    assert record["source_files"] == {"vision.onnx": sha256(built_fsr64 / "vision.onnx")}
+    assert record["plugin"] == {"name": "FocusScanRefine", "version": "1", "namespace": "fsr"}
+    assert "plugin_graphs" not in read_manifest(built_none)  # --method none: nothing to turn into a plugin
+
+
+def test_plugin_build_refused_clearly_where_it_cannot_work(built_fsr64, built_none):
+    from typer.testing import CliRunner
+
+    from fsr.engines.cli import app
+
+    trt = _tensorrt()
+    result = CliRunner().invoke(app, [str(built_none), "--plugin"], terminal_width=200)
+    assert result.exit_code == 2
+    if trt.is_rtx:
+        result = CliRunner().invoke(app, [str(built_fsr64), "--plugin"], terminal_width=200)
+        assert result.exit_code == 2
+        assert "needs full TensorRT" in result.output and "TensorRT-RTX" in result.output
+
+
+def test_rebuild_replaces_the_entry(built_none):
+    from fsr.engines.builder import BuildSettings, build_engines
+
+    before = read_manifest(built_none)["engines"]
+    build_engines(built_none, BuildSettings(precision="fp32", max_batch=1, max_seq=MAX_SEQ, graphs=("embed",)))
+    after = read_manifest(built_none)["engines"]
+    assert set(after) == set(before)
+    assert after["embed.fp32"]["max_batch"] == 1 and after["decoder.fp32"] == before["decoder.fp32"]
+
+
+def test_changed_onnx_makes_the_engine_stale(built_none, tmp_path):
+    export = tmp_path / "copy"
+    shutil.copytree(built_none, export)
+    manifest = read_manifest(export)
+    model = onnx.load(export / "decoder.onnx")
+    model.doc_string = "edited after the engines were built"
+    onnx.save(model, export / "decoder.onnx")
+
+    stale = r"decoder\.onnx changed since the engine was built; run fsr-build again"
+    with pytest.raises(StaleEngineError, match=stale):
+        check_engine_fresh(manifest, export, "decoder", "fp32")
+    check_engine_fresh(manifest, export, "vision", "fp32")  # untouched graphs stay usable
+
+    (export / "engines" / "embed.fp32.engine").unlink()
+    with pytest.raises(StaleEngineError, match="missing; run fsr-build again"):
+        check_engine_fresh(manifest, export, "embed", "fp32")
+    with pytest.raises(ManifestError, match="run fsr-build first"):
+        select_engine(manifest, "decoder", "bf16")
