@@ -21,6 +21,9 @@ def run(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     backend: str = typer.Option("ort", help="ort (ONNX Runtime) | trt (TensorRT engines, needs a GPU)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"token_ids": [...], "text": "..."}.'),
+    precision: Optional[str] = typer.Option(None, help="trt: engine precision to use (fp32|fp16|bf16)."),
+    plugin: Optional[bool] = typer.Option(None, "--plugin/--no-plugin", help="trt: use the FSR plugin engine."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="trt: capture decode steps in CUDA graphs."),
 ) -> None:
     """Generate text for an image and a prompt with an exported model."""
     from fsr.export.manifest import ManifestError
@@ -30,7 +33,8 @@ def run(
 
     try:
         with console.status(f"loading {export_dir} on {backend}"):
-            pipe = Pipeline(export_dir, backend=backend)
+            options = dict(precision=precision, plugin=plugin, cuda_graphs=cuda_graphs) if backend == "trt" else {}
+            pipe = Pipeline(export_dir, backend=backend, **options)
         with pipe, console.status("generating"):
             results = pipe.generate(list(image), list(prompt), raw=raw, max_new_tokens=max_new_tokens)
     except (InputError, ManifestError, BackendError) as exc:
