@@ -15,6 +15,7 @@ at the end, so a failure or an interrupt never leaves a half-written export behi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import shutil
@@ -129,8 +130,10 @@ def relevance_source(loaded: LoadedModel, settings: ExportSettings) -> str | Non
 
 def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, progress) -> None:
     dtype = DTYPES[settings.dtype]
-    llava = loaded.llava.to(dtype)
-    clip = loaded.clip.to(dtype) if loaded.clip is not None else None
+    if next(loaded.llava.parameters()).dtype != dtype:  # leave the caller's model as it was
+        loaded = dataclasses.replace(loaded, llava=copy.deepcopy(loaded.llava).to(dtype),
+                                     clip=copy.deepcopy(loaded.clip).to(dtype) if loaded.clip is not None else None)
+    llava, clip = loaded.llava, loaded.clip
     text_cfg = llava.config.text_config
     relevance = relevance_source(loaded, settings)
 

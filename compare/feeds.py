@@ -1,0 +1,115 @@
+"""Realistic inputs for each exported graph, with explicit shapes.
+
+Polygraphy's default ``DataLoader`` sets every dynamic dimension to 1 and fills inputs
+with uniform noise: a decoder would only ever see one token and an empty-ish cache,
+and FSR would rank noise. Here every graph gets a list of feed dicts (one per
+iteration, a valid Polygraphy data loader) built from real data where it matters:
+
+- ``vision``: images through the export's own image processor, and the instruction
+  embedding of the prompt (CLIP text tower, or the LLM-embedding mean), batch 1 and 2;
+- ``text_encoder``: the prompts in 77-token CLIP chunks, batch = number of prompts;
+- ``embed``: the chat-formatted prompts, left padded to one batch;
+- decoder segments: random embeddings and KV caches with past length > 0, a prefill
+  chunk with left padding (batch 2) and a one-token decode step (batch 1).
+
+All float inputs are cast to the export's dtype (fp16 for an fp16 export).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def _cast(value: np.ndarray, spec: dict) -> np.ndarray:
+    return np.ascontiguousarray(value.astype(np.dtype(spec["dtype"])))
+
+
+def _inputs(manifest: dict, graph: str) -> dict[str, dict]:
+    return {i["name"]: i for i in manifest["graphs"][graph]["inputs"]}
+
+
+def vision_feeds(pipe, manifest: dict, samples) -> list[OrderedDict]:
+    from fsr.runtime.inputs import instruction_text, load_image
+
+    specs = _inputs(manifest, "vision")
+    feeds = []
+    groups = [samples[:1], samples[1:3]] if len(samples) > 1 else [samples[:1]]
+    for group in groups:
+        pixels = pipe.processor.image_processor(images=[load_image(s.image) for s in group],
+                                                return_tensors="np")["pixel_values"]
+        feed = OrderedDict(pixel_values=_cast(pixels, specs["pixel_values"]))
+        if "instruction_embeds" in specs:
+            text = pipe.instruction_embeds([instruction_text(s.prompt) for s in group])
+            width = specs["instruction_embeds"]["shape"][1]
+            text = text.float().numpy() if text is not None else np.zeros((len(group), width), np.float32)
+            feed["instruction_embeds"] = _cast(text, specs["instruction_embeds"])
+        feeds.append(feed)
+    return feeds
+
+
+def text_encoder_feeds(pipe, manifest: dict, samples) -> list[OrderedDict]:
+    from fsr.runtime.inputs import clip_chunks, instruction_text
+
+    width = manifest["relevance"].get("text_max_tokens") or 77
+    chunks = [clip_chunks(pipe.clip_tokenizer, instruction_text(s.prompt), width) for s in samples]
+    specs = _inputs(manifest, "text_encoder")
+    return [OrderedDict(input_ids=_cast(np.concatenate([c[0] for c in chunks]), specs["input_ids"]),
+                        attention_mask=_cast(np.concatenate([c[1] for c in chunks]), specs["attention_mask"]))]
+
+
+def embed_feeds(pipe, manifest: dict, samples) -> list[OrderedDict]:
+    from fsr.runtime.inputs import format_prompt
+
+    rows = [pipe.tokenizer(format_prompt(pipe.processor, s.prompt))["input_ids"] for s in samples]
+    width = max(len(r) for r in rows)
+    ids = np.asarray([[pipe.pad_id] * (width - len(r)) + r for r in rows], dtype=np.int64)
+    return [OrderedDict(input_ids=_cast(ids, _inputs(manifest, "embed")["input_ids"]))]
+
+
+def decoder_feeds(pipe, manifest: dict, graph: str, seed: int = 0) -> list[OrderedDict]:
+    """Random embeddings / KV at realistic scales; past length > 0 in every iteration."""
+    specs = manifest["graphs"][graph]["inputs"]
+    llm = manifest["llm"]
+    rng = np.random.RandomState(seed)
+    table = pipe.embedding.embed.weight.detach().float().numpy()
+    scale = float(table.std()) or 1.0
+    feeds = []
+    # (batch, new tokens, past length, left padding of row 1)
+    for batch, seq, past, pad in ((2, 5, 7, 3), (1, 1, 12, 0)):
+        total = past + seq
+        mask = np.ones((batch, total), np.int64)
+        if batch > 1 and pad:
+            mask[1, :pad] = 0
+        positions = np.cumsum(mask, axis=1) - 1
+        positions[mask == 0] = 1
+        feed = OrderedDict()
+        for spec in specs:
+            name = spec["name"]
+            if name == "attention_mask":
+                value = mask
+            elif name == "position_ids":
+                value = positions[:, past:]
+            elif name.startswith("past_key_values."):
+                value = rng.randn(batch, llm["num_kv_heads"], past, llm["head_dim"]).astype(np.float32)
+            else:  # inputs_embeds, or hidden_states of a later segment
+                value = rng.randn(batch, seq, llm["hidden_size"]).astype(np.float32) * scale
+            feed[name] = _cast(value, spec)
+        feeds.append(feed)
+    return feeds
+
+
+def graph_feeds(pipe, manifest: dict, graph: str, samples, seed: int = 0) -> list[OrderedDict]:
+    """The feed dicts for one graph of the export."""
+    if graph == "vision":
+        return vision_feeds(pipe, manifest, samples)
+    if graph == "text_encoder":
+        return text_encoder_feeds(pipe, manifest, samples)
+    if graph == "embed":
+        return embed_feeds(pipe, manifest, samples)
+    if any(s["graph"] == graph for s in manifest["decoder_segments"]):
+        return decoder_feeds(pipe, manifest, graph, seed)
+    raise ValueError(f"no inputs known for graph {graph!r}")

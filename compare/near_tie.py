@@ -1,0 +1,136 @@
+"""Is a differing FSR ``kept_indices`` row a near-tie, or a real mismatch?
+
+FocusScanRefine makes discrete choices (a sort, a threshold, a greedy argmax). Two
+back ends whose inputs differ in the last bits can take a different branch wherever
+two candidates score almost the same, and from that step on their choices diverge
+legitimately. So a differing kept set is explained, not just counted:
+
+Replay the reference's own decisions from its intermediate values (φ and the Scan
+distances, recomputed with the reference's numerics from ``VisionPrefix``'s outputs),
+step by step: Focus takes tokens in φ order, Scan takes the argmax of the running
+min-distance. At the first step where the reference picks a token the other back end
+did not keep, look at the best token the other back end *did* keep among the
+candidates of that step. If its score is within ``tol`` of the reference's pick (or the
+Focus count K_F itself sits within ``tol`` of its threshold), the other back end
+followed the other branch of a near-tie: reported as ``near-tie`` with the gap. Else it
+is a ``mismatch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class TieVerdict:
+    row: int
+    near_tie: bool
+    stage: str  # "focus", "focus-count", "scan", "size" or "equal"
+    step: int | None = None
+    reference_token: int | None = None
+    other_token: int | None = None
+    gap: float | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _focus_count_margin(phi_sorted: torch.Tensor, rho: float, focus_count: int) -> float:
+    """How far (relative to Σφ) the prefix sums around K_F are from the ``rho · Σφ`` threshold."""
+    from fsr.pruning._numerics import cumsum_f32
+
+    prefix = cumsum_f32(phi_sorted)
+    total = float(prefix[-1])
+    if total <= 0:
+        return 0.0
+    threshold = float(torch.tensor(rho, dtype=torch.float32) * prefix[-1])
+    near = [k for k in (focus_count - 2, focus_count - 1) if 0 <= k < prefix.numel()]
+    return min(abs(float(prefix[k]) - threshold) for k in near) / total if near else float("inf")
+
+
+def explain_row(phi: torch.Tensor, features: torch.Tensor, reference_kept: list[int], other_kept: list[int], *,
+                budget: int, rho: float, tol: float, row: int = 0) -> TieVerdict:
+    """Explain why ``other_kept`` differs from ``reference_kept`` for one batch row.
+
+    ``phi`` [N] float32 and ``features`` [N, F] are the reference's values for that row.
+    """
+    from fsr.pruning._numerics import cosine_matrix, focus_count
+
+    ref, other = set(reference_kept), set(other_kept)
+    if ref == other:
+        return TieVerdict(row, True, "equal", detail="same kept set")
+    n = phi.numel()
+    k = min(budget, n)
+    if len(other) != len(other_kept) or len(other) != k:
+        return TieVerdict(row, False, "size", detail=f"expected {k} distinct indices, got {len(other)} distinct "
+                                                     f"of {len(other_kept)}")
+    phi = phi.float()
+    order = torch.sort(phi, descending=True, stable=True).indices
+    k_f = int(focus_count(phi[order][None], rho, k)[0])
+    kf_margin = _focus_count_margin(phi[order], rho, k_f)
+    scale = float(phi.max()) or 1.0
+
+    def verdict(stage, step, ref_token, alt, gap, what):
+        if alt is not None and gap <= tol:
+            return TieVerdict(row, True, stage, step, ref_token, alt, gap,
+                              f"{what}: token {ref_token} vs {alt}, gap {gap:.3g} <= {tol:g}")
+        if kf_margin <= tol:
+            return TieVerdict(row, True, "focus-count", step, ref_token, alt, kf_margin,
+                              f"K_F={k_f} sits on its threshold (prefix sum within {kf_margin:.3g} of rho*sum); "
+                              "the other back end took another focus count")
+        shown = "none" if alt is None else f"{gap:.3g}"
+        return TieVerdict(row, False, stage, step, ref_token, alt, gap,
+                          f"{what}: reference took {ref_token}, the other back end did not keep it and its best "
+                          f"alternative ({alt}) is {shown} away (tolerance {tol:g})")
+
+    taken: list[int] = []
+    for step in range(k_f):  # Focus
+        i = int(order[step])
+        if i not in other:
+            alternatives = [j for j in other if j not in taken]
+            alt = max(alternatives, key=lambda j: (float(phi[j]), -j)) if alternatives else None
+            gap = None if alt is None else (float(phi[i]) - float(phi[alt])) / scale
+            return verdict("focus", step, i, alt, abs(gap) if gap is not None else float("inf"), "phi")
+        taken.append(i)
+
+    distance = 1.0 - cosine_matrix(features)  # [N, N], row = scored token, column = set member
+    min_distance = distance[:, taken].amin(dim=1)
+    for step in range(k - k_f):  # Scan
+        available = torch.ones(n, dtype=torch.bool)
+        available[taken] = False
+        scores = torch.where(available, min_distance, torch.tensor(float("-inf")))
+        best = int(torch.argmax(scores))
+        if best not in other:
+            alternatives = [j for j in other if available[j]]
+            alt = max(alternatives, key=lambda j: (float(scores[j]), -j)) if alternatives else None
+            gap = float("inf") if alt is None else abs(float(scores[best]) - float(scores[alt]))
+            return verdict("scan", k_f + step, best, alt, gap, "scan distance")
+        taken.append(best)
+        min_distance = torch.minimum(min_distance, distance[:, best])
+    # Every reference choice was kept by the other back end, and both sets have K members.
+    return TieVerdict(row, True, "equal", detail="same kept set")
+
+
+def explain_kept(reference_model, manifest: dict, feed: dict, reference_kept, other_kept,
+                 tol: float) -> list[TieVerdict]:
+    """Verdicts for every batch row where the kept indices differ (reference intermediates
+    are recomputed from ``feed`` with the reference's ``VisionPrefix``)."""
+    import numpy as np
+
+    from fsr.pruning import fsr_scores
+
+    rows = [b for b in range(len(reference_kept)) if not np.array_equal(reference_kept[b], other_kept[b])]
+    if not rows:
+        return []
+    pipe = reference_model
+    fsr = manifest.get("fsr") or {}
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.ascontiguousarray(feed["pixel_values"])).float()
+        text = torch.from_numpy(np.ascontiguousarray(feed["instruction_embeds"])).float()
+        _, features, saliency, relevance = pipe.vision_prefix(pixels, text)
+        phi = fsr_scores(saliency, relevance if pipe.relevance else None, fsr.get("alpha", 3.0), fsr.get("beta", 1.0))
+    return [explain_row(phi[b], features[b], [int(x) for x in reference_kept[b]], [int(x) for x in other_kept[b]],
+                        budget=manifest["budget"], rho=fsr.get("rho", 0.9), tol=tol, row=b) for b in rows]

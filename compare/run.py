@@ -1,0 +1,244 @@
+"""``compare_export``: every comparison of one export, as one JSON-able report.
+
+    report = compare_export("exports/llava-tiny-fsr-b64", CompareOptions(out_dir=Path("cmp")))
+    report["passed"], report["failures"]
+
+Three parts, each optional:
+
+1. graph by graph (``graphs.compare_graph``): PyTorch reference vs ONNX Runtime / TensorRT
+   through Polygraphy, with the ``polygraphy run`` command that repeats each comparison;
+2. end to end (``end_to_end.compare_backend``): greedy generation per back end;
+3. pruning fidelity (``fidelity.pruning_fidelity``): agreement and KL per method and budget.
+
+``passed`` is False when any graph output is outside its tolerance (near-ties of FSR's
+``kept_indices`` excepted), when a comparison could not run on a back end that is
+available, when a generated sequence differs from the reference other than at a
+near-tie, or when the identity budget (>= N image tokens) does not reproduce the
+unpruned model exactly. Skipped comparisons (TensorRT without a GPU) do not fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+from fsr.compare import end_to_end, graphs
+from fsr.compare.fidelity import DEFAULT_BUDGETS, pruning_fidelity
+from fsr.compare.graphs import ERROR, FAIL
+from fsr.compare.tolerances import (
+    LOGIT_NEAR_TIE_DEFAULTS, NEAR_TIE_DEFAULTS, Tolerance, ToleranceTable,
+)
+
+BACKENDS = ("torch", "ort", "trt")
+
+
+class CompareError(ValueError):
+    """Bad options or an unusable export; the message says what to do."""
+
+
+@dataclasses.dataclass
+class CompareOptions:
+    backends: tuple[str, ...] = BACKENDS  # "torch" is the reference and always runs
+    graphs: tuple[str, ...] | None = None  # None: every graph of the export
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    methods: tuple[str, ...] | None = None  # pruning methods for fidelity; None: all available
+    tolerances: dict[str, Tolerance] = dataclasses.field(default_factory=dict)  # pattern -> overrides
+    out_dir: Path | None = None  # Polygraphy JSON files; None: ./fsr-compare/<export name>
+    graph_checks: bool = True
+    end_to_end: bool = True
+    fidelity: bool = True
+    images: tuple = ()
+    prompts: tuple[str, ...] = ()
+    builtin_samples: int = 3
+    max_new_tokens: int = 12
+    near_tie_tol: float | None = None  # None: per precision (tolerances.NEAR_TIE_DEFAULTS)
+    logit_tol: float | None = None  # None: per precision (tolerances.LOGIT_NEAR_TIE_DEFAULTS)
+    seed: int = 0
+    verbose: bool = False
+
+
+def _noop(message: str) -> None:
+    pass
+
+
+def check_integrity(export_dir: Path, manifest: dict) -> list[str]:
+    """Files whose hash differs from the manifest (a warning: numbers decide pass/fail)."""
+    from fsr.export.manifest import sha256
+
+    changed = []
+    for name, entry in manifest["graphs"].items():
+        for rel, digest in entry["files"].items():
+            path = export_dir / rel
+            if not path.is_file():
+                changed.append(f"{name}: {rel} is missing")
+            elif sha256(path) != digest:
+                changed.append(f"{name}: {rel} changed since export (hash differs from manifest.json)")
+    return changed
+
+
+def _validate(options: CompareOptions, manifest: dict) -> None:
+    unknown = [b for b in options.backends if b not in BACKENDS]
+    if unknown:
+        raise CompareError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    if options.graphs:
+        missing = [g for g in options.graphs if g not in manifest["graphs"]]
+        if missing:
+            raise CompareError(f"the export has no graph(s) {missing}; it has {', '.join(manifest['graphs'])}")
+    if any(b < 1 for b in options.budgets):
+        raise CompareError(f"budgets must be >= 1 (got {list(options.budgets)})")
+    if options.max_new_tokens < 1:
+        raise CompareError("--max-new-tokens must be >= 1")
+
+
+@contextlib.contextmanager
+def _polygraphy_quiet(verbose: bool):
+    from polygraphy.logger import G_LOGGER
+
+    if verbose:
+        yield
+        return
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        yield
+
+
+def compare_export(export_dir, options: CompareOptions | None = None,
+                   progress: Callable[[str], None] = _noop) -> dict:
+    """Run the comparisons ``options`` asks for; return the report (see the module docstring)."""
+    from fsr.compare.samples import make_samples
+    from fsr.compare.torch_runner import ReferenceFromExport
+    from fsr.compare.trt import unavailable_reason
+    from fsr.export.manifest import read_manifest
+
+    options = options or CompareOptions()
+    start = time.perf_counter()
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    _validate(options, manifest)
+    dtype = manifest["dtype"]
+    table = ToleranceTable(dtype, options.tolerances)
+    near_tie_tol = options.near_tie_tol if options.near_tie_tol is not None else NEAR_TIE_DEFAULTS[dtype]
+    logit_tol = options.logit_tol if options.logit_tol is not None else LOGIT_NEAR_TIE_DEFAULTS[dtype]
+    out_dir = Path(options.out_dir) if options.out_dir else Path("fsr-compare") / export_dir.resolve().name
+    samples = make_samples(list(options.images), list(options.prompts), builtin=options.builtin_samples)
+    backends = [b for b in options.backends if b != "torch"]
+    trt_reason = unavailable_reason(manifest) if "trt" in backends else None
+
+    progress("checking file hashes")
+    integrity = check_integrity(export_dir, manifest)
+    progress("loading the PyTorch reference (source/ model)")
+    reference = ReferenceFromExport(export_dir)
+    pipe = reference()
+
+    graph_results: list[graphs.GraphResult] = []
+    if options.graph_checks:
+        from fsr.compare.feeds import graph_feeds
+
+        for graph in options.graphs or list(manifest["graphs"]):
+            feeds = graph_feeds(pipe, manifest, graph, samples, seed=options.seed)
+            for backend in backends:
+                if backend == "trt" and trt_reason:
+                    graph_results.append(graphs.skipped(graph, backend, trt_reason))
+                    continue
+                progress(f"graph {graph}: torch vs {backend}")
+                graph_table, tie_tol = table, near_tie_tol
+                if backend == "trt":  # tolerances follow the engine's precision (fsr-build --precision)
+                    precision = _engine_precision(manifest, graph)
+                    if precision is None:
+                        graph_results.append(graphs.skipped(graph, backend, f"no TensorRT engine for graph {graph!r}"))
+                        continue
+                    graph_table = ToleranceTable(precision, options.tolerances)
+                    tie_tol = options.near_tie_tol if options.near_tie_tol is not None else NEAR_TIE_DEFAULTS[precision]
+                try:
+                    with _polygraphy_quiet(options.verbose):
+                        graph_results.append(graphs.compare_graph(
+                            export_dir, manifest, reference, graph, backend, feeds, graph_table, out_dir,
+                            near_tie_tol=tie_tol))
+                except Exception as exc:  # a runner that cannot build or run: reported, and a failure
+                    graph_results.append(graphs.errored(graph, backend, exc))
+
+    e2e: list[end_to_end.BackendE2E] = []
+    if options.end_to_end and backends:
+        progress("end to end: reference generation (PyTorch)")
+        reference_results = end_to_end.reference_generate(pipe, samples, options.max_new_tokens)
+        for backend in backends:
+            if backend == "trt" and trt_reason:
+                e2e.append(end_to_end.skipped(backend, trt_reason))
+                continue
+            progress(f"end to end: generation on {backend}")
+            try:
+                e2e.append(end_to_end.compare_backend(
+                    export_dir, manifest, pipe, backend, samples, reference_results,
+                    max_new_tokens=options.max_new_tokens, logit_tol=logit_tol, near_tie_tol=near_tie_tol))
+            except Exception as exc:
+                e2e.append(end_to_end.errored(backend, exc))
+
+    fidelity = None
+    if options.fidelity:
+        progress(f"pruning fidelity: budgets {', '.join(map(str, options.budgets))} (PyTorch)")
+        fidelity = pruning_fidelity(pipe, manifest, samples, options.budgets,
+                                    methods=list(options.methods) if options.methods else None,
+                                    max_new_tokens=options.max_new_tokens)
+
+    failures = _failures(graph_results, e2e, fidelity)
+    return {
+        "export": str(export_dir.resolve()),
+        "method": manifest["method"], "budget": manifest["budget"], "dtype": dtype,
+        "relevance": (manifest.get("relevance") or {}).get("source"),
+        "reference": "PyTorch (fsr.models.llava modules + fsr.pruning reference) on the export's source/ model, "
+                     "float32",
+        "backends": backends,
+        "tolerances": {"defaults": {k: v.to_json() for k, v in table.for_outputs(
+            sorted({o["name"] for g in manifest["graphs"].values() for o in g["outputs"]})).items()},
+            "near_tie_tol": near_tie_tol, "logit_near_tie_tol": logit_tol},
+        "samples": [s.to_json() for s in samples],
+        "integrity_warnings": integrity,
+        "graphs": [g.to_json() for g in graph_results],
+        "commands": [g.command for g in graph_results if g.command],
+        "output_dir": str(out_dir.resolve()) if graph_results else None,
+        "trt_skipped_reason": trt_reason,
+        "end_to_end": [e.to_json() for e in e2e],
+        "fidelity": fidelity,
+        "failures": failures,
+        "passed": not failures,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _engine_precision(manifest: dict, graph: str) -> str | None:
+    from fsr.engines.records import select_engine
+    from fsr.export.manifest import ManifestError
+
+    try:
+        return select_engine(manifest, graph)[1]["precision"]
+    except ManifestError:
+        return None
+
+
+def _failures(graph_results, e2e, fidelity) -> list[str]:
+    out = []
+    for g in graph_results:
+        if g.status == FAIL:
+            for name in g.failed_outputs:
+                worst = max((o for o in g.outputs if o.output == name and o.status == FAIL),
+                            key=lambda o: o.max_absdiff or 0.0)
+                diff = "" if worst.max_absdiff is None else \
+                    f": max abs diff {worst.max_absdiff:.3g} (atol {worst.atol:g}, rtol {worst.rtol:g})"
+                out.append(f"graph {g.graph!r} output {name!r} ({g.backend} vs torch){diff}")
+        elif g.status == ERROR:
+            out.append(f"graph {g.graph!r} ({g.backend}): could not run: {g.reason}")
+    for e in e2e:
+        if e.status in (FAIL, ERROR):
+            out.append(f"end to end ({e.backend}): {e.reason}")
+    if fidelity:
+        n = fidelity["num_image_tokens"]
+        for row in fidelity["rows"]:
+            if row["budget"] >= n and (row["top1_agreement"] < 1.0 or row["kl_mean"] > 0.0):
+                out.append(f"fidelity: {row['method']} at budget {row['budget']} >= {n} tokens should be the identity "
+                           f"but agrees {row['top1_agreement']:.1%} (KL {row['kl_mean']:.3g})")
+    return out
+
+
+__all__ = ["BACKENDS", "CompareError", "CompareOptions", "compare_export"]
