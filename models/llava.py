@@ -183,7 +183,9 @@ def load_model(model: str | None = None, *, clip: str | None = None, seed: int =
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a LLaVA checkpoint (path / cached hub id) or build a preset by name."""
     from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our CLIs show their own progress
     if model is None or model in PRESETS:
         name = model or "tiny"
         llava, clip_model, processor = build_preset(name, seed=seed, dtype=dtype)
@@ -208,10 +210,7 @@ def load_model(model: str | None = None, *, clip: str | None = None, seed: int =
 
 def save_source(loaded: LoadedModel, folder: Path) -> None:
     """Write model + processor (+ CLIP) as a standard HF checkpoint loadable by transformers."""
-    from transformers.utils import logging as hf_logging
-
     folder.mkdir(parents=True, exist_ok=True)
-    hf_logging.disable_progress_bar()
     loaded.llava.save_pretrained(folder)
     loaded.processor.save_pretrained(folder)
     if loaded.clip is not None:

@@ -99,6 +99,7 @@ class Backend(abc.ABC):
 _BACKENDS: dict[str, str] = {
     "ort": "fsr.runtime.onnxrt:OnnxRuntimeBackend",
     "trt": "fsr.runtime.trt:TensorRTBackend",
+    "torch": "fsr.runtime.torch_backend:TorchBackend",
 }
 
 

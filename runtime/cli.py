@@ -19,7 +19,7 @@ def run(
     prompt: List[str] = typer.Option(..., "--prompt", help="Prompt text (one per --image)."),
     raw: bool = typer.Option(False, "--raw", help="Use the prompt as given (must contain <image>)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    backend: str = typer.Option("ort", help="ort (ONNX Runtime) | trt (TensorRT engines, needs a GPU)."),
+    backend: str = typer.Option("ort", help="ort (ONNX Runtime) | trt (TensorRT engines, needs a GPU) | torch (PyTorch modules of source/)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"token_ids": [...], "text": "..."}.'),
     precision: Optional[str] = typer.Option(None, help="trt: engine precision to use (fp32|fp16|bf16)."),
     plugin: Optional[bool] = typer.Option(None, "--plugin/--no-plugin", help="trt: use the FSR plugin engine."),

@@ -251,12 +251,14 @@ def build_model(preset: str, *, device: str = "cpu", dtype: str = "fp32", seed: 
     the CPU's memory; ``device="meta"`` builds the modules without any weights (for
     checks on machines without a GPU).
     """
-    from fsr.models.llava import LoadedModel, build_preset
+    from fsr.models.llava import CLIP_MAX_TOKENS, LoadedModel, build_preset
+    from fsr.models.tokenizer import build_byte_tokenizer
 
     torch_dtype = TORCH_DTYPES[dtype]
     with default_dtype(torch_dtype):
         llava, clip, processor = build_preset(preset, seed=seed, dtype=torch_dtype, device=device)
-    return LoadedModel(llava, processor, clip, source=f"preset:{preset}", path=None, preset=preset)
+    return LoadedModel(llava, processor, clip, source=f"preset:{preset}", path=None, preset=preset,
+                       clip_tokenizer=build_byte_tokenizer(CLIP_MAX_TOKENS))
 
 
 def model_manifest(loaded, *, method: str, budget: int | None = None, fsr: dict | None = None,

@@ -1,0 +1,142 @@
+"""Analytic work of each stage: FLOPs and bytes moved, counted from the model's dimensions.
+
+Counts are of the dense matrix products the exported graphs execute (a multiply-add is
+2 FLOPs); norms, softmax, rotary embeddings and other element-wise work are left out
+(a few percent at most). Conventions, so that measured and ideal figures line up:
+
+- prefill runs every prompt position through every layer; attention scores and the
+  weighted sum are full ``S x (P + S)`` products (the causal mask is applied to a dense
+  matrix, as the exported decoder does), with grouped-query attention: ``num_heads``
+  query heads, ``num_kv_heads`` key/value heads;
+- the exported decoder computes logits for every position (``logits [B, S, V]``), so
+  ``lm_head`` is counted for all of them;
+- bytes of prefill = decoder weights read once (layers, final norm, ``lm_head``) +
+  the KV cache written; activations are assumed to stay in cache;
+- a decode step reads every weight and the whole KV cache once (that is what bounds it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMDims:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, text_config) -> "LLMDims":
+        c = text_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
+                   c.num_key_value_heads or c.num_attention_heads, head_dim, c.intermediate_size, c.vocab_size)
+
+    def layer_weights(self) -> int:
+        """Weight elements of one decoder layer (q, k, v, o, gate/up/down, two norms)."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h
+
+    def decoder_weights(self) -> int:
+        """Weight elements the decoder graph reads: layers, final norm, lm_head (not the embedding table)."""
+        return self.num_layers * self.layer_weights() + self.hidden_size + self.hidden_size * self.vocab_size
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionDims:
+    hidden_size: int
+    intermediate_size: int
+    layers_used: int  # encoder layers up to and including the selected feature layer
+    image_size: int
+    patch_size: int
+    projector_out: int  # LLM hidden size
+
+    @classmethod
+    def from_config(cls, llava_config) -> "VisionDims":
+        v = llava_config.vision_config
+        layer = llava_config.vision_feature_layer
+        used = layer + 1 if layer >= 0 else v.num_hidden_layers + layer + 1
+        return cls(v.hidden_size, v.intermediate_size, used, v.image_size, v.patch_size,
+                   llava_config.text_config.hidden_size)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def weights(self) -> int:
+        h, i, p = self.hidden_size, self.intermediate_size, self.patch_size
+        return (3 * p * p * h + self.layers_used * (4 * h * h + 2 * h * i)
+                + h * self.projector_out + self.projector_out * self.projector_out)
+
+
+def prefill_flops(d: LLMDims, batch: int, seq: int, past: int = 0) -> dict[str, int]:
+    """FLOPs of one prefill (or decode, ``seq=1``) step over ``seq`` new positions after ``past``."""
+    q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    tokens = batch * seq
+    per_layer = {
+        "attention_projections": 2 * tokens * (d.hidden_size * q + 2 * d.hidden_size * kv + q * d.hidden_size),
+        # scores Q K^T and the weighted sum P V, query heads x (past + seq) keys each
+        "attention_scores": 2 * 2 * batch * d.num_heads * seq * (past + seq) * d.head_dim,
+        "mlp": 2 * tokens * 3 * d.hidden_size * d.intermediate_size,
+    }
+    out = {k: v * d.num_layers for k, v in per_layer.items()}
+    out["lm_head"] = 2 * tokens * d.hidden_size * d.vocab_size
+    out["total"] = sum(out.values())
+    return out
+
+
+def kv_cache_bytes(d: LLMDims, batch: int, seq: int, dtype: str) -> int:
+    """Bytes of the KV cache holding ``seq`` positions: keys and values, every layer."""
+    return 2 * d.num_layers * batch * d.num_kv_heads * seq * d.head_dim * DTYPE_BYTES[dtype]
+
+
+def prefill_bytes(d: LLMDims, batch: int, seq: int, dtype: str) -> dict[str, int]:
+    weights = d.decoder_weights() * DTYPE_BYTES[dtype]
+    kv = kv_cache_bytes(d, batch, seq, dtype)
+    return {"weights": weights, "kv_written": kv, "total": weights + kv}
+
+
+def decode_step_flops(d: LLMDims, batch: int, context: int) -> int:
+    """FLOPs of one decode step attending to ``context`` positions (the new one included)."""
+    return prefill_flops(d, batch, 1, past=context - 1)["total"]
+
+
+def decode_step_bytes(d: LLMDims, batch: int, context: int, dtype: str) -> int:
+    """Weights read + the whole KV cache read (``context - 1`` past positions) + one position written."""
+    return d.decoder_weights() * DTYPE_BYTES[dtype] + kv_cache_bytes(d, batch, context, dtype)
+
+
+def vision_flops(v: VisionDims, batch: int) -> int:
+    """Patch embedding, the encoder layers used (with [CLS]), and the two-layer projector."""
+    n, h, i, p = v.num_patches, v.hidden_size, v.intermediate_size, v.patch_size
+    t = n + 1
+    per_layer = 2 * t * 4 * h * h + 2 * 2 * t * t * h + 2 * t * 2 * h * i
+    embed = 2 * n * 3 * p * p * h
+    projector = 2 * n * (h * v.projector_out + v.projector_out * v.projector_out)
+    return batch * (embed + v.layers_used * per_layer + projector)
+
+
+def vision_bytes(v: VisionDims, dtype: str) -> int:
+    return v.weights() * DTYPE_BYTES[dtype]
+
+
+def fsr_op_flops(batch: int, num_tokens: int, token_dim: int, feature_dim: int, budget: int) -> int:
+    """The op's matrix products: the cosine Gram matrix ``N x N x F`` and the ``K x N x D`` merge."""
+    if budget >= num_tokens:
+        return 0
+    return batch * (2 * num_tokens * num_tokens * feature_dim + 2 * budget * num_tokens * token_dim)
+
+
+def fsr_op_bytes(batch: int, num_tokens: int, token_dim: int, feature_dim: int, budget: int, dtype: str) -> int:
+    """Inputs read and the pruned tokens written (the Gram matrix is assumed to stay on chip)."""
+    if budget >= num_tokens:
+        return 0
+    e = DTYPE_BYTES[dtype]
+    return batch * (num_tokens * (token_dim * e + feature_dim * e + 8) + budget * (token_dim * e + 8))

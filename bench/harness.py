@@ -1,0 +1,397 @@
+"""Measure each target at each batch size, then set the numbers against the baseline and the roofline.
+
+One *run* of a target produces the first token exactly as ``Pipeline`` does (instruction
+embedding for FSR's relevance, vision graph, prompt embedding, prefill, argmax), timing
+each step, then decodes ``new_tokens - 1`` more tokens (never stopping at EOS, so every
+run does the same work). After it, the vision tower and the op alone are timed on the
+same inputs. Warm-up runs are discarded; the repeated runs give median and spread.
+
+Time to first token starts from preprocessed inputs (pixel values, token ids): image
+decoding and resizing are the same for every budget and are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+
+from fsr.bench import analytic
+from fsr.bench.memory import PeakMemory
+from fsr.bench.roofline import DevicePeak
+from fsr.bench.stats import ratio, summarize
+from fsr.bench.targets import ModelInfo, Target, TargetSpec
+from fsr.runtime.inputs import assemble_prefill
+
+SCHEMA = "fsr-bench/1"
+DEFAULT_PROMPT = "Describe the image in detail."
+#: Parts of time to first token, in pipeline order (seconds in a run; ms in the report).
+TTFT_PARTS = ("instruction", "vision", "embed", "prefill")
+#: Every timing a result row carries (summaries in ms).
+TIMINGS = ("ttft", *TTFT_PARTS, "vision_tower", "fsr_op", "decode_per_token")
+
+
+@dataclasses.dataclass
+class BenchSettings:
+    batches: list[int] = dataclasses.field(default_factory=lambda: [1])
+    warmup: int = 1
+    repeat: int = 5
+    new_tokens: int = 16
+    prompt: str = DEFAULT_PROMPT
+
+    def validate(self) -> None:
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ValueError(f"batch sizes must be >= 1 (got {self.batches})")
+        if self.warmup < 0 or self.repeat < 1:
+            raise ValueError("warmup must be >= 0 and repeat >= 1")
+        if self.new_tokens < 1:
+            raise ValueError("new_tokens must be >= 1")
+
+
+def synthetic_images(count: int, size: int = 336):
+    """Deterministic, structured test images (different per row, so saliency is not flat)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(1234)
+    y, x = np.mgrid[0:size, 0:size]
+    images = []
+    for i in range(count):
+        base = np.stack([np.sin(x / (6 + i)), np.cos(y / (9 + 2 * i)), np.sin((x + 2 * y) / (13 + i))], -1)
+        pixels = ((base * 0.4 + 0.5 + rng.rand(size, size, 3) * 0.15).clip(0, 1) * 255).astype("uint8")
+        images.append(Image.fromarray(pixels))
+    return images
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _next_ids(backend, logits) -> np.ndarray:
+    """Greedy next token of each row, without copying all of the prefill's logits to the host."""
+    if not isinstance(logits, np.ndarray) and hasattr(logits, "argmax") and hasattr(logits, "cpu"):
+        return logits[:, -1].float().argmax(-1).cpu().numpy()  # torch tensor on its device
+    return backend.to_host(logits)[:, -1].astype(np.float32).argmax(-1)
+
+
+@dataclasses.dataclass
+class RunInputs:
+    pixels: np.ndarray
+    rows: list[list[int]]
+    instructions: list[str]
+
+
+def run_once(target: Target, inputs: RunInputs, new_tokens: int, parts: bool = True) -> dict[str, float]:
+    """One first token + decode, then (``parts``) the tower and the op alone. Seconds per part."""
+    pipe, backend = target.pipeline, target.pipeline.backend
+    sync = backend.synchronize
+    clock = time.perf_counter
+    t: dict[str, float] = {}
+    sync()
+    start = mark = clock()
+
+    instruction = pipe.instruction_embeds(inputs.instructions)
+    sync()
+    t["instruction"], mark = clock() - mark, clock()
+
+    image_embeds, _ = pipe.vision(inputs.pixels, instruction)
+    sync()
+    t["vision"], mark = clock() - mark, clock()
+
+    rows = inputs.rows
+    width = max(len(r) for r in rows)
+    padded = np.asarray([[pipe.pad_id] * (width - len(r)) + r for r in rows])
+    text = pipe.embed(padded)
+    text_rows = [text[b, width - len(r):] for b, r in enumerate(rows)]
+    pad_embed = pipe.embed(np.asarray([[pipe.pad_id]]))[0, 0]
+    embeds, mask, positions = assemble_prefill(rows, text_rows, image_embeds.astype(pipe.dtype),
+                                               pipe.manifest["image_token_id"], pad_embed)
+    sync()
+    t["embed"], mark = clock() - mark, clock()
+
+    batch = len(rows)
+    logits, pasts = pipe.decoder(embeds, mask, positions, pipe.empty_cache(batch))
+    next_ids = _next_ids(backend, logits)
+    t["prefill"] = clock() - mark
+    t["ttft"] = clock() - start
+
+    mark = clock()
+    last = positions[:, -1]
+    for _ in range(new_tokens - 1):
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        last = last + 1
+        logits, pasts = pipe.decoder(pipe.embed(next_ids[:, None].astype(np.int64)), mask,
+                                     last[:, None].astype(np.int64), pasts)
+        next_ids = _next_ids(backend, logits)
+    sync()
+    t["decode_per_token"] = (clock() - mark) / (new_tokens - 1) if new_tokens > 1 else float("nan")
+    t["seq_len"] = embeds.shape[1]
+
+    # The vision graph's parts on their own, on the same inputs.
+    t["vision_tower"] = t["fsr_op"] = float("nan")
+    if parts and target.tower is not None:
+        feeds = {"pixel_values": backend.from_host(inputs.pixels.astype(pipe.dtype))}
+        if instruction is not None:
+            feeds["instruction_embeds"] = backend.from_host(np.asarray(instruction))
+        feeds = {k: v for k, v in feeds.items() if k in target.tower.input_names}
+        sync()
+        mark = clock()
+        out = target.tower.infer(feeds)
+        sync()
+        t["vision_tower"] = clock() - mark
+        if target.op is not None:
+            op_feeds = {n: out[n] for n in target.op.input_names}
+            sync()
+            mark = clock()
+            target.op.infer(op_feeds)
+            sync()
+            t["fsr_op"] = clock() - mark
+        elif target.method == "none":
+            t["fsr_op"] = 0.0
+    return t
+
+
+def prepare_inputs(target: Target, batch: int, settings: BenchSettings) -> RunInputs:
+    pixels, rows, instructions = target.pipeline.prepare(synthetic_images(batch), [settings.prompt] * batch)
+    return RunInputs(pixels, rows, instructions)
+
+
+def measure_memory(target: Target, inputs: RunInputs, settings: BenchSettings, memory: PeakMemory) -> dict:
+    """Peak memory of one first token + decode with only this target loaded (the tower/op runners aside)."""
+    memory.reset()
+    run_once(target, inputs, settings.new_tokens, parts=False)
+    return memory.read()
+
+
+def summarize_runs(target: Target, batch: int, runs: list[dict], settings: BenchSettings) -> dict:
+    """A result row (timings in ms: median, quartiles, min, max) from repeated runs."""
+    timings = {}
+    for name in TIMINGS:
+        values = [r[name] * 1e3 for r in runs if not np.isnan(r[name])]
+        timings[name] = summarize(values)
+    seq_len = int(runs[0]["seq_len"])
+    return {
+        "method": target.method,
+        "budget": target.budget,
+        "kept_tokens": target.kept_tokens,
+        "num_image_tokens": target.num_image_tokens,
+        "batch": batch,
+        "prompt_tokens": seq_len - target.kept_tokens,
+        "seq_len": seq_len,
+        "new_tokens": settings.new_tokens,
+        "export": str(target.export_dir) if target.export_dir else None,
+        "timings_ms": timings,
+        "notes": list(target.notes),
+    }
+
+
+def measure(target: Target, batch: int, settings: BenchSettings, memory: PeakMemory | None = None,
+            tick: Callable[[], None] = lambda: None) -> dict:
+    """Warm-up and repeated runs of one target at ``batch`` (and its peak memory, with ``memory``)."""
+    inputs = prepare_inputs(target, batch, settings)
+    peak = measure_memory(target, inputs, settings, memory) if memory is not None else None
+    for _ in range(settings.warmup):
+        run_once(target, inputs, settings.new_tokens)
+        tick()
+    runs = []
+    for _ in range(settings.repeat):
+        runs.append(run_once(target, inputs, settings.new_tokens))
+        tick()
+    row = summarize_runs(target, batch, runs, settings)
+    row["peak_memory"] = peak
+    return row
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def analyze(row: dict, info: ModelInfo, peak: DevicePeak) -> dict:
+    """Add KV-cache bytes, analytic FLOPs / bytes and roofline ideal times to a measured row."""
+    b, s, dtype = row["batch"], row["seq_len"], info.dtype
+    llm, vision = info.llm, info.vision
+    context = s + row["new_tokens"] / 2  # mean context of the decode steps
+    prefill_f = analytic.prefill_flops(llm, b, s)
+    prefill_b = analytic.prefill_bytes(llm, b, s, dtype)
+    vision_f, vision_b = analytic.vision_flops(vision, b), analytic.vision_bytes(vision, dtype)
+    k, n = row["kept_tokens"], row["num_image_tokens"]
+    op_f = analytic.fsr_op_flops(b, n, info.token_dim, info.feature_dim, k)
+    op_b = analytic.fsr_op_bytes(b, n, info.token_dim, info.feature_dim, k, dtype)
+    decode_f = analytic.decode_step_flops(llm, b, round(context))
+    decode_b = analytic.decode_step_bytes(llm, b, round(context), dtype)
+    row["kv_cache_bytes"] = analytic.kv_cache_bytes(llm, b, s, dtype)
+    row["kv_cache_bytes_final"] = analytic.kv_cache_bytes(llm, b, s + row["new_tokens"] - 1, dtype)
+    row["analytic"] = {
+        "prefill_flops": prefill_f["total"], "prefill_flops_parts": prefill_f,
+        "prefill_bytes": prefill_b["total"], "prefill_bytes_parts": prefill_b,
+        "vision_flops": vision_f, "vision_bytes": vision_b,
+        "fsr_op_flops": op_f, "fsr_op_bytes": op_b,
+        "decode_step_flops": decode_f, "decode_step_bytes": decode_b,
+    }
+    prefill, vis, op, dec = (peak.ideal(prefill_f["total"], prefill_b["total"]), peak.ideal(vision_f, vision_b),
+                             peak.ideal(op_f, op_b), peak.ideal(decode_f, decode_b))
+    row["roofline"] = {
+        "prefill_ms": prefill["seconds"] * 1e3, "prefill_bound": prefill["bound"],
+        "vision_ms": vis["seconds"] * 1e3, "vision_bound": vis["bound"],
+        "fsr_op_ms": op["seconds"] * 1e3,
+        "ttft_ms": (prefill["seconds"] + vis["seconds"] + op["seconds"]) * 1e3,
+        "decode_ms_per_token": dec["seconds"] * 1e3, "decode_bound": dec["bound"],
+    }
+    t = row["timings_ms"]
+    row["measured_over_ideal"] = {
+        "prefill": ratio(t["prefill"]["median"], row["roofline"]["prefill_ms"]),
+        "ttft": ratio(t["ttft"]["median"], row["roofline"]["ttft_ms"]),
+        "decode_per_token": ratio(t["decode_per_token"]["median"], row["roofline"]["decode_ms_per_token"]),
+    }
+    row["fsr_op_share_of_ttft"] = ratio(t["fsr_op"]["median"], t["ttft"]["median"])
+    return row
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Ratios against the unpruned row of the same batch (measured in the same run)."""
+    baselines = {r["batch"]: r for r in rows if r["method"] == "none"}
+    for row in rows:
+        base = baselines.get(row["batch"])
+        if base is None:
+            raise ValueError(f"no unpruned measurement at batch {row['batch']} to compare with")
+        t, bt = row["timings_ms"], base["timings_ms"]
+        ideal, bideal = row["roofline"], base["roofline"]
+
+        def entry(part: str, ideal_key: str) -> dict:
+            measured = ratio(bt[part]["median"], t[part]["median"])
+            ideal_speedup = ratio(bideal[ideal_key], ideal[ideal_key])
+            return {"measured": measured, "ideal": ideal_speedup, "ratio": ratio(measured, ideal_speedup)}
+
+        row["baseline"] = {"method": base["method"], "kept_tokens": base["kept_tokens"], "export": base["export"]}
+        row["speedup"] = {
+            "ttft": entry("ttft", "ttft_ms"),
+            "prefill": entry("prefill", "prefill_ms"),
+            "decode_per_token": entry("decode_per_token", "decode_ms_per_token"),
+        }
+        row["kv_cache_reduction"] = ratio(base["kv_cache_bytes"], row["kv_cache_bytes"])
+
+
+# ----------------------------------------------------------------------------- a whole benchmark
+
+
+def machine_info(device: str) -> dict:
+    from importlib import metadata
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "device": device, "gpu": None}
+    for pkg in ("fsr-export", "torch", "onnxruntime", "transformers", "numpy"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, settings: BenchSettings, *,
+                  backend: str, device: str, interleave: bool = True,
+                  on_target: Callable[[TargetSpec, str], None] = lambda s, phase: None,
+                  on_config: Callable[[TargetSpec, int], Callable[[], None]] = lambda s, b: (lambda: None),
+                  remeasure_peak: Callable[[], DevicePeak] | None = None, extra: dict | None = None) -> dict:
+    """Measure every spec (baseline first) at every batch size; the JSON document of the run.
+
+    Memory is measured first, one target loaded at a time. Timings are then taken with
+    every target loaded and the runs *interleaved* (run i of each target, then run i+1),
+    so that a change in the machine's load during the benchmark hits every budget alike;
+    ``interleave=False`` times one target after the other instead, with only it loaded
+    (for models too large to hold several exports at once). ``remeasure_peak`` measures the
+    device's peaks again at the end; the roofline uses the higher of the two.
+    """
+    settings.validate()
+    if not specs or not specs[0].is_baseline:
+        raise ValueError("the first target must be the unpruned baseline")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_start = _loadavg()
+    memory = PeakMemory(device)
+    records = {id(s): {"method": s.method, "budget": s.budget, "kept_tokens": s.kept_tokens, **(s.export or {})}
+               for s in specs}
+    ticks = {(id(s), b): on_config(s, b) for s in specs for b in settings.batches}
+
+    def open_target(spec: TargetSpec, phase: str, with_parts: bool = True) -> Target:
+        on_target(spec, phase)
+        start = time.perf_counter()
+        target = spec.open(with_parts=with_parts)
+        records[id(spec)].setdefault("open_s", time.perf_counter() - start)
+        return target
+
+    peaks: dict[tuple[int, int], dict] = {}
+    rows: dict[tuple[int, int], dict] = {}
+    if interleave:
+        for spec in specs:  # memory: one target loaded at a time
+            target = open_target(spec, "memory", with_parts=False)
+            try:
+                for batch in settings.batches:
+                    peaks[id(spec), batch] = measure_memory(target, prepare_inputs(target, batch, settings),
+                                                            settings, memory)
+                    ticks[id(spec), batch]()
+            finally:
+                target.close()
+        targets = []
+        try:
+            for spec in specs:
+                targets.append(open_target(spec, "timing"))
+            for batch in settings.batches:
+                inputs = [prepare_inputs(t, batch, settings) for t in targets]
+                runs: list[list[dict]] = [[] for _ in targets]
+                for i in range(settings.warmup + settings.repeat):
+                    for k, (spec, target) in enumerate(zip(specs, targets)):
+                        result = run_once(target, inputs[k], settings.new_tokens)
+                        if i >= settings.warmup:
+                            runs[k].append(result)
+                        ticks[id(spec), batch]()
+                for k, (spec, target) in enumerate(zip(specs, targets)):
+                    rows[id(spec), batch] = summarize_runs(target, batch, runs[k], settings)
+        finally:
+            for target in targets:
+                target.close()
+    else:
+        for spec in specs:
+            target = open_target(spec, "timing")
+            try:
+                for batch in settings.batches:
+                    tick = ticks[id(spec), batch]
+                    row = measure(target, batch, settings, memory, tick)
+                    tick()
+                    peaks[id(spec), batch] = row.pop("peak_memory")
+                    rows[id(spec), batch] = row
+            finally:
+                target.close()
+
+    if remeasure_peak is not None:  # again after the runs: the best of both is the device's peak
+        peak = peak.best_with(remeasure_peak())
+    results = []
+    for spec in specs:
+        for batch in settings.batches:
+            row = rows[id(spec), batch]
+            row["peak_memory"] = peaks[id(spec), batch]
+            results.append(analyze(row, info, peak))
+    add_speedups(results)
+    return {
+        "schema": SCHEMA,
+        "started": started.isoformat(timespec="seconds"),
+        "backend": backend,
+        "machine": {**machine_info(device), "loadavg_start": load_start, "loadavg_end": _loadavg()},
+        "device_peak": peak.to_json(),
+        "settings": {**dataclasses.asdict(settings), "interleave": interleave},
+        "model": info.to_json(),
+        "exports": [records[id(s)] for s in specs],
+        "results": results,
+        **(extra or {}),
+    }
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
