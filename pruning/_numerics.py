@@ -28,6 +28,19 @@ def _is_exporting() -> bool:
     )
 
 
+def sqrt_f32(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root.
+
+    ONNX Runtime's and CUDA's float32 ``sqrt`` are correctly rounded; torch's vectorised
+    CPU path is not (off by one ulp for some inputs in the 2.13 AVX-512 build). Eagerly we
+    take the square root in float64 and round once (double rounding is exact for sqrt);
+    while exporting we emit a plain float32 ``Sqrt`` (TensorRT has no float64).
+    """
+    if _is_exporting():
+        return torch.sqrt(x)
+    return torch.sqrt(x.to(torch.float64)).to(x.dtype)
+
+
 def exact_pow_terms(exponent: float) -> tuple[int, bool] | None:
     """``(n, half)`` when ``exponent == n + 0.5 * half`` with ``0 <= n <= EXACT_POW_MAX``, else None."""
     twice = 2.0 * float(exponent)
@@ -54,7 +67,7 @@ def pow_f32(x: torch.Tensor, exponent: float) -> torch.Tensor:
     for _ in range(n):
         result = x if result is None else result * x
     if half:
-        root = torch.sqrt(x)
+        root = sqrt_f32(x)
         result = root if result is None else result * root
     return torch.ones_like(x) if result is None else result
 
@@ -130,7 +143,7 @@ def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
     n = gram.shape[-1]
     index = torch.arange(n, device=gram.device).unsqueeze(-1).expand(*gram.shape[:-1], 1)
     sq_norm = torch.gather(gram, -1, index)  # [..., N, 1] = G[i, i], exactly
-    denominator = torch.sqrt(sq_norm * sq_norm.transpose(-1, -2))
+    denominator = sqrt_f32(sq_norm * sq_norm.transpose(-1, -2))
     nonzero = denominator > 0
     cos = gram / torch.where(nonzero, denominator, torch.ones_like(denominator))
     return torch.where(nonzero, cos, torch.zeros_like(cos))
