@@ -16,7 +16,6 @@ Targets come from
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -317,25 +316,6 @@ def _cached(folder: Path, preset: str, dtype: str, budget: int | None) -> bool:
             and (budget is None or m["budget"] == budget))
 
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    """torch.onnx logs registration warnings while building the op's function; keep the progress display clean."""
-    import logging
-    import warnings
-
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def check_export_memory(preset: str, dtype: str, factor: float = 3.0) -> None:
     """Refuse an export this machine's memory cannot hold (weights, the exporter's copy, serialisation)."""
     import os
@@ -393,8 +373,7 @@ def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, d
         settings = (ExportSettings(method="none", dtype=dtype) if budget is None
                     else ExportSettings(method="fsr", budget=budget, dtype=dtype))
         start = time.perf_counter()
-        with _quiet_exporter():
-            exporter(loaded, folder, settings, force=True)
+        exporter(loaded, folder, settings, force=True)
         records.append({**record, "reused": False, "seconds": time.perf_counter() - start})
     return records
 

@@ -27,7 +27,7 @@ class ExportError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporter():
     """The exporter prints banners and warnings per step; keep the user's terminal clean."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -62,7 +62,7 @@ def trace_to_onnx(
     weight_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
     external = weight_bytes >= TWO_GB
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet_exporter():
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
                 input_names=input_names, output_names=output_names, verbose=False,

@@ -19,7 +19,6 @@ static N, D, F) and turns the exported graph into a ``FunctionProto``:
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import onnx
@@ -103,10 +102,9 @@ def export_fsr_fixed(
     if has_relevance:
         args.append(torch.rand(2, num_tokens, generator=gen))
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings():
-        # Harmless notes from torch internals: every input shares the one batch Dim.
-        warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used")
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    from fsr.export.trace import quiet_exporter
+
+    with quiet_exporter():  # the exporter's per-step banners and harmless warnings
         program = torch.onnx.export(
             module,
             tuple(args),

@@ -24,10 +24,14 @@ class BackendError(RuntimeError):
 
 
 class Runner(abc.ABC):
-    def __init__(self, name: str, path: Path):
+    def __init__(self, name: str, path: Path, input_names: list[str] | None = None,
+                 output_names: list[str] | None = None):
         self.name, self.path = name, Path(path)
         self.is_active = False
         self.last_inference_time: float | None = None
+        # Known up front (from the manifest) or set by ``activate_impl`` (from the loaded graph).
+        self._inputs: list[str] = list(input_names or [])
+        self._outputs: list[str] = list(output_names or [])
 
     def activate(self) -> "Runner":
         if not self.is_active:
@@ -58,12 +62,12 @@ class Runner(abc.ABC):
         return out
 
     @property
-    @abc.abstractmethod
-    def input_names(self) -> list[str]: ...
+    def input_names(self) -> list[str]:
+        return self._inputs
 
     @property
-    @abc.abstractmethod
-    def output_names(self) -> list[str]: ...
+    def output_names(self) -> list[str]:
+        return self._outputs
 
     @abc.abstractmethod
     def activate_impl(self) -> None: ...

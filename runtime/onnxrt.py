@@ -15,8 +15,6 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(name, path)
         self.providers, self.threads = providers, threads
         self.session = None
-        self._inputs: list[str] = []
-        self._outputs: list[str] = []
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
@@ -35,14 +33,6 @@ class OnnxRuntimeRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.session = None
-
-    @property
-    def input_names(self) -> list[str]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
 
     def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
         out = self.session.run(self._outputs, {k: np.ascontiguousarray(v) for k, v in feed_dict.items()})

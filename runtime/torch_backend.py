@@ -101,17 +101,8 @@ class TorchRunner(Runner):
     """Runs one module under ``torch.inference_mode``; inputs by name, outputs by name."""
 
     def __init__(self, name: str, module: nn.Module, input_names: list[str], output_names: list[str]):
-        super().__init__(name, Path(f"<torch:{name}>"))
+        super().__init__(name, Path(f"<torch:{name}>"), input_names, output_names)
         self.module = module
-        self._inputs, self._outputs = list(input_names), list(output_names)
-
-    @property
-    def input_names(self) -> list[str]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
 
     def activate_impl(self) -> None:
         self.module.eval()

@@ -51,21 +51,12 @@ class TensorRTRunner(Runner):
 
     def __init__(self, name: str, path: Path, entry: dict, trt, *, inputs: list[str], outputs: list[str],
                  cuda_graphs: bool = False, plugin_library: Path | None = None, device: str = "cuda"):
-        super().__init__(name, path)
+        super().__init__(name, path, inputs, outputs)
         self.entry, self.trt, self.device = entry, trt, device
-        self._inputs, self._outputs = list(inputs), list(outputs)
         self.cuda_graphs, self.plugin_library = cuda_graphs, plugin_library
         self.engine = self.runtime = None
         self.contexts: dict[int, Any] = {}
         self._graphs: collections.OrderedDict = collections.OrderedDict()
-
-    @property
-    def input_names(self) -> list[str]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
 
     # -- lifecycle -----------------------------------------------------------------------
 
