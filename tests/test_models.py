@@ -93,3 +93,27 @@ def test_segmented_export_generates_the_same(tmp_path, export_none, images, prom
         a = split.generate(images[:2], prompts[:2], max_new_tokens=6)
         b = whole.generate(images[:2], prompts[:2], max_new_tokens=6)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_hub_id_resolves_from_the_local_cache(tmp_path, monkeypatch, export_none):
+    """A hub id already in the HF cache loads without any network (HF_HUB_OFFLINE=1)."""
+    import shutil
+
+    from fsr.models.llava import resolve_model_path
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-llava"
+    commit = "0" * 40
+    shutil.copytree(export_none / "source", repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_model_path("someone/tiny-llava") == repo / "snapshots" / commit
+    loaded = load_model("someone/tiny-llava")
+    assert loaded.clip is not None and loaded.llava.config.image_token_id == 4
+    with pytest.raises(ModelError, match="not in the Hugging Face cache"):
+        resolve_model_path("someone/other-model")
