@@ -17,7 +17,10 @@ Figures per method and budget (pooled over samples):
 - ``top1_agreement``: share of steps where the pruned argmax equals the unpruned argmax;
 - ``kl_mean``: mean over steps of KL(unpruned || pruned) in nats (and ``kl_max``).
 
-A budget >= N is FSR's identity, so it must agree 100% with KL exactly 0.
+Methods are those registered in ``fsr.pruning.PRUNING_METHODS`` (FSR and the training-free
+baselines ``saliency-topk``, ``uniform``, ``random``): FSR runs with the manifest's settings,
+the baselines with their defaults (``method_settings``). A budget >= N is every method's
+identity, so it must agree 100% with KL exactly 0.
 """
 
 from __future__ import annotations
@@ -34,12 +37,16 @@ DEFAULT_BUDGETS = (576, 192, 128, 64)
 
 
 def available_methods() -> dict[str, object]:
-    """Pruning methods in ``fsr.pruning``, name -> reference function ``(tokens, features,
-    saliency, relevance, *, budget, **settings) -> (pruned, kept)``. The package has FSR
-    only (no baselines) at present."""
-    from fsr.pruning import focus_scan_refine_reference
+    """Pruning methods in ``fsr.pruning`` (``PRUNING_METHODS``), name -> reference function
+    ``(tokens, features, saliency, relevance, *, budget, **settings) -> (pruned, kept)``."""
+    from fsr.pruning import PRUNING_METHODS
 
-    return {"fsr": focus_scan_refine_reference}
+    return dict(PRUNING_METHODS)
+
+
+def method_settings(method: str, manifest: dict) -> dict:
+    """Keyword settings a method runs with here: FSR the manifest's, baselines their defaults."""
+    return fsr_settings(manifest) if method == "fsr" else {}
 
 
 @dataclasses.dataclass
@@ -88,9 +95,12 @@ def pruning_fidelity(pipe, manifest: dict, samples, budgets=DEFAULT_BUDGETS, *, 
     registry = available_methods()
     methods = list(methods or registry)
     unknown = [m for m in methods if m not in registry]
-    if unknown:
-        raise ValueError(f"unknown pruning method(s) {unknown}; fsr.pruning provides {', '.join(registry)}")
+    if unknown:  # CompareError (a ValueError): fsr-compare prints it and exits 2
+        from fsr.compare.run import CompareError
+
+        raise CompareError(f"unknown pruning method(s) {unknown}; fsr.pruning provides {', '.join(registry)}")
     settings = fsr_settings(manifest)
+    per_method_settings = {m: method_settings(m, manifest) for m in methods}
     rows = prompt_rows(pipe, [s.prompt for s in samples])
     per = {(m, b): [] for m in methods for b in budgets}
     sequences = []
@@ -107,7 +117,8 @@ def pruning_fidelity(pipe, manifest: dict, samples, budgets=DEFAULT_BUDGETS, *, 
         ref_top1 = reference.argmax(-1)
         for method in methods:
             for budget in budgets:
-                pruned, _ = registry[method](tokens, features, saliency, relevance, budget=budget, **settings)
+                pruned, _ = registry[method](tokens, features, saliency, relevance, budget=budget,
+                                               **per_method_settings[method])
                 logits = step_logits(pipe, prefix_embeds(pipe, row, pruned[0]), sequence)
                 top1 = logits.argmax(-1)
                 kl = kl_divergence(reference, logits)
@@ -132,6 +143,7 @@ def pruning_fidelity(pipe, manifest: dict, samples, budgets=DEFAULT_BUDGETS, *, 
         "teacher_forced_on": "the unpruned model's greedy output",
         "num_image_tokens": num_tokens,
         "fsr_settings": settings,
+        "method_settings": per_method_settings,
         "relevance": pipe.relevance,
         "max_new_tokens": max_new_tokens,
         "budgets": list(budgets),

@@ -2,6 +2,9 @@
 
 - `focus_scan_refine_reference`: readable reference (ground truth), `FSRDetails`.
 - `FocusScanRefineFixed`: fixed-shape, batch-vectorised module that exports to ONNX.
+- Baselines with FSR's call shape (``baselines.py``): `saliency_topk_reference`,
+  `uniform_reference`, `random_reference`, the exportable `SaliencyTopKFixed`, and the
+  registry `PRUNING_METHODS` (name -> function, ``fsr`` included) / `get_pruning_method`.
 - `build_fsr_function` / `make_fsr_model` / `fsr_node_attributes`: the ONNX local
   function ``fsr.FocusScanRefine`` (loaded lazily: these import onnx).
 - `fsr.pruning.testing`: shared random test cases.
@@ -10,6 +13,15 @@ Specification: ``shared/docs/fsr-op.md``; rounding conventions: ``pruning/README
 """
 
 from ._numerics import cosine_matrix, fsr_scores, norm01, pow_f32
+from .baselines import (
+    PRUNING_METHODS,
+    SaliencyTopKFixed,
+    get_pruning_method,
+    random_reference,
+    saliency_topk_reference,
+    uniform_indices,
+    uniform_reference,
+)
 from .fsr_fixed import FocusScanRefineFixed
 from .fsr_reference import FSRDetails, focus_scan_refine_reference
 
@@ -30,11 +42,18 @@ _ONNX_NAMES = (
 __all__ = [
     "FSRDetails",
     "FocusScanRefineFixed",
+    "PRUNING_METHODS",
+    "SaliencyTopKFixed",
     "cosine_matrix",
     "focus_scan_refine_reference",
     "fsr_scores",
+    "get_pruning_method",
     "norm01",
     "pow_f32",
+    "random_reference",
+    "saliency_topk_reference",
+    "uniform_indices",
+    "uniform_reference",
     *_ONNX_NAMES,
 ]
 
