@@ -26,7 +26,6 @@ from fsr.bench.memory import PeakMemory
 from fsr.bench.roofline import DevicePeak
 from fsr.bench.stats import ratio, summarize
 from fsr.bench.targets import ModelInfo, Target, TargetSpec
-from fsr.runtime.inputs import assemble_prefill
 
 SCHEMA = "fsr-bench/1"
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -102,13 +101,7 @@ def run_once(target: Target, inputs: RunInputs, new_tokens: int, parts: bool = T
     t["vision"], mark = clock() - mark, clock()
 
     rows = inputs.rows
-    width = max(len(r) for r in rows)
-    padded = np.asarray([[pipe.pad_id] * (width - len(r)) + r for r in rows])
-    text = pipe.embed(padded)
-    text_rows = [text[b, width - len(r):] for b, r in enumerate(rows)]
-    pad_embed = pipe.embed(np.asarray([[pipe.pad_id]]))[0, 0]
-    embeds, mask, positions = assemble_prefill(rows, text_rows, image_embeds.astype(pipe.dtype),
-                                               pipe.manifest["image_token_id"], pad_embed)
+    embeds, mask, positions = pipe.prefill_inputs(rows, image_embeds)
     sync()
     t["embed"], mark = clock() - mark, clock()
 

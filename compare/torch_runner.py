@@ -29,6 +29,14 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 
+
+def manifest_input_metadata(entry: dict) -> TensorMetadata:
+    """Polygraphy input metadata of a graph from its manifest entry (dynamic dims as None)."""
+    meta = TensorMetadata()
+    for i in entry["inputs"]:
+        meta.add(i["name"], dtype=np.dtype(i["dtype"]), shape=[d if isinstance(d, int) else None for d in i["shape"]])
+    return meta
+
 class ReferenceFromExport:
     """Lazy loader: ``ReferenceFromExport(export_dir)()`` -> the export's ``ReferencePipeline``."""
 
@@ -94,7 +102,7 @@ class TorchRunner(BaseRunner):
             raise ValueError(f"the export has no {graph!r} graph (it has {', '.join(manifest['graphs'])})")
         self._reference, self.manifest, self.graph = reference, manifest, graph
         entry = manifest["graphs"][graph]
-        self._inputs = [(i["name"], np.dtype(i["dtype"]), i["shape"]) for i in entry["inputs"]]
+        self._input_metadata = manifest_input_metadata(entry)
         self._outputs = [(o["name"], np.dtype(o["dtype"])) for o in entry["outputs"]]
 
     def activate_impl(self):
@@ -102,10 +110,7 @@ class TorchRunner(BaseRunner):
         self._fn = _graph_function(pipe, self.manifest, self.graph)
 
     def get_input_metadata_impl(self):
-        meta = TensorMetadata()
-        for name, dtype, shape in self._inputs:
-            meta.add(name, dtype=dtype, shape=[d if isinstance(d, int) else None for d in shape])
-        return meta
+        return self._input_metadata
 
     def infer_impl(self, feed_dict):
         import torch

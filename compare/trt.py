@@ -19,7 +19,8 @@ from collections import OrderedDict
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
-from polygraphy.common import TensorMetadata
+
+from fsr.compare.torch_runner import manifest_input_metadata
 
 
 def unavailable_reason(manifest: dict | None = None) -> str | None:
@@ -59,7 +60,7 @@ class EngineRunner(BaseRunner):
         super().__init__(name=name, prefix="fsr-trt-runner")
         self.export_dir, self.manifest, self.graph = export_dir, manifest, graph
         entry = manifest["graphs"][graph]
-        self._inputs = [(i["name"], np.dtype(i["dtype"]), i["shape"]) for i in entry["inputs"]]
+        self._input_metadata = manifest_input_metadata(entry)
         self._outputs = [(o["name"], np.dtype(o["dtype"])) for o in entry["outputs"]]
 
     def activate_impl(self):
@@ -69,10 +70,7 @@ class EngineRunner(BaseRunner):
         self._runner = self._backend.runner(self.graph).activate()
 
     def get_input_metadata_impl(self):
-        meta = TensorMetadata()
-        for name, dtype, shape in self._inputs:
-            meta.add(name, dtype=dtype, shape=[d if isinstance(d, int) else None for d in shape])
-        return meta
+        return self._input_metadata
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()

@@ -120,6 +120,17 @@ class Pipeline:
             presents.append([out[n] for n in runner.output_names[1:]])
         return hidden, presents
 
+    def prefill_inputs(self, rows: list[list[int]], image_embeds: np.ndarray):
+        """Embed the prompts (one left-padded call) and expand each image token to its K image
+        embeddings: ``inputs_embeds``, ``attention_mask``, ``position_ids`` for the prefill."""
+        width = max(len(r) for r in rows)
+        padded = np.asarray([[self.pad_id] * (width - len(r)) + r for r in rows])
+        text_embeds = self.embed(padded)
+        text_rows = [text_embeds[b, width - len(r):] for b, r in enumerate(rows)]
+        pad_embed = self.embed(np.asarray([[self.pad_id]]))[0, 0]
+        return assemble_prefill(rows, text_rows, image_embeds.astype(self.dtype),
+                                self.manifest["image_token_id"], pad_embed)
+
     def empty_cache(self, batch: int) -> list[list]:
         llm = self.manifest["llm"]
         shape = (batch, llm["num_kv_heads"], 0, llm["head_dim"])
@@ -155,13 +166,7 @@ class Pipeline:
         image_embeds, kept = self.vision(pixels, self.instruction_embeds(instructions))
         timings["vision_s"] = time.perf_counter() - t
 
-        width = max(len(r) for r in rows)
-        padded = np.asarray([[self.pad_id] * (width - len(r)) + r for r in rows])
-        text_embeds = self.embed(padded)
-        text_rows = [text_embeds[b, width - len(r):] for b, r in enumerate(rows)]
-        pad_embed = self.embed(np.asarray([[self.pad_id]]))[0, 0]
-        embeds, mask, positions = assemble_prefill(rows, text_rows, image_embeds.astype(self.dtype),
-                                                   self.manifest["image_token_id"], pad_embed)
+        embeds, mask, positions = self.prefill_inputs(rows, image_embeds)
 
         batch = len(rows)
         t = time.perf_counter()
