@@ -101,3 +101,24 @@ def test_fsr_cut_out_of_export_matches_reference(isolated_fsr):
         n_checked += batch
     assert n_checked == 36
 
+
+
+def test_llm_embedding_relevance_fallback(tmp_path, export_none, images, prompts):
+    """A checkpoint folder exported with the spec's fallback relevance (no CLIP text tower):
+    the manifest records it, no text encoder is exported, and the exported pipeline still
+    generates exactly what the PyTorch reference pipeline generates."""
+    from fsr.export.llava import ExportSettings, export_llava
+    from fsr.models.llava import load_model
+
+    out = tmp_path / "fallback"
+    export_llava(load_model(str(export_none / "source")), out,
+                 ExportSettings(method="fsr", budget=32, relevance="llm"))
+    with Pipeline(out) as pipe:
+        m = pipe.manifest
+        assert m["relevance"]["source"] == "llm-embedding-mean" and "text_encoder" not in m["graphs"]
+        assert m["model"]["path"] == str(export_none / "source")
+        got = pipe.generate(images[:2], prompts[:2], max_new_tokens=6)
+    want = ReferencePipeline.from_export(out).generate(images[:2], prompts[:2], max_new_tokens=6)
+    assert [g.kept_indices for g in got] == [w.kept_indices for w in want]
+    assert all(len(g.kept_indices) == 32 for g in got)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
