@@ -149,18 +149,27 @@ def build_fsr_function(
         has_relevance=has_relevance,
         dtype=dtype,
     )
-    settings = {
-        **fsr_node_attributes(budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa),
+    settings = _body_settings(
+        fsr_node_attributes(budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa),
+        num_tokens=num_tokens, token_dim=token_dim, feature_dim=feature_dim,
+        has_relevance=has_relevance, dtype=dtype,
+    )
+    function = function_from_graph(model, settings=settings)
+    opsets = [helper.make_opsetid(o.domain, o.version) for o in function.opset_import]
+    opsets.append(helper.make_opsetid(FSR_DOMAIN, FSR_OP_VERSION))
+    return function, opsets
+
+
+def _body_settings(attributes: dict, *, num_tokens, token_dim, feature_dim, has_relevance, dtype) -> dict:
+    """What a function body is specialised to: recorded in its metadata, checked on reuse."""
+    return {
+        **attributes,
         "num_tokens": num_tokens,
         "token_dim": token_dim,
         "feature_dim": feature_dim,
         "has_relevance": bool(has_relevance),
         "dtype": str(dtype).removeprefix("torch."),
     }
-    function = function_from_graph(model, settings=settings)
-    opsets = [helper.make_opsetid(o.domain, o.version) for o in function.opset_import]
-    opsets.append(helper.make_opsetid(FSR_DOMAIN, FSR_OP_VERSION))
-    return function, opsets
 
 
 def function_from_graph(model: onnx.ModelProto, *, settings: dict | None = None) -> onnx.FunctionProto:
@@ -285,12 +294,11 @@ def make_fsr_model(
         )
     fn, opsets = function
     expected = {
-        **{k: str(v) for k, v in attributes.items()},
-        "num_tokens": str(num_tokens),
-        "token_dim": str(token_dim),
-        "feature_dim": str(feature_dim),
-        "has_relevance": str(bool(has_relevance)),
-        "dtype": str(dtype).removeprefix("torch."),
+        k: str(v)
+        for k, v in _body_settings(
+            attributes, num_tokens=num_tokens, token_dim=token_dim, feature_dim=feature_dim,
+            has_relevance=has_relevance, dtype=dtype,
+        ).items()
     }
     built_for = fsr_function_settings(fn)
     mismatched = {k: (built_for.get(k), v) for k, v in expected.items() if built_for.get(k) != v}
