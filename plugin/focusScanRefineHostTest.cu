@@ -128,6 +128,40 @@ bool makeProblem(int32_t tokensDtype, int32_t featuresDtype, int32_t scoresDtype
     return true;
 }
 
+//! Device copies of one problem's inputs, its output buffers and the workspace.
+struct Staged
+{
+    void* tokens = nullptr;
+    void* features = nullptr;
+    void* saliency = nullptr;
+    void* relevance = nullptr; // stays null when the relevance term is omitted
+    void* pruned = nullptr;
+    void* kept = nullptr;
+    void* workspace = nullptr;
+    size_t workspaceBytes = 0;
+};
+
+cudaError_t stage(DeviceBuffers& buffers, Problem const& problem, void const* tokens, void const* features,
+    void const* saliency, void const* relevance, Staged& d)
+{
+    FocusScanRefineParams const& p = problem.params;
+    d.workspaceBytes = fsr::kernels::focusScanRefineWorkspaceSize(p.batch, p.numTokens, p.featureDim, p.budget);
+    cudaError_t status = buffers.upload(&d.tokens, tokens, problem.tokensBytes);
+    if (status == cudaSuccess)
+        status = buffers.upload(&d.features, features, problem.featuresBytes);
+    if (status == cudaSuccess)
+        status = buffers.upload(&d.saliency, saliency, problem.scoresBytes);
+    if (status == cudaSuccess && relevance != nullptr)
+        status = buffers.upload(&d.relevance, relevance, problem.scoresBytes);
+    if (status == cudaSuccess)
+        status = buffers.alloc(&d.pruned, problem.prunedBytes);
+    if (status == cudaSuccess)
+        status = buffers.alloc(&d.kept, problem.keptBytes);
+    if (status == cudaSuccess)
+        status = buffers.alloc(&d.workspace, d.workspaceBytes);
+    return status;
+}
+
 } // namespace
 
 //! Number of CUDA devices, or -(cudaError_t) when the runtime cannot enumerate them.
@@ -167,36 +201,17 @@ FSR_API int32_t fsr_run_host(void const* tokens, int32_t tokensDtype, void const
         return static_cast<int32_t>(cudaErrorInvalidValue);
     }
     DeviceBuffers buffers;
-    void* dTokens = nullptr;
-    void* dFeatures = nullptr;
-    void* dSaliency = nullptr;
-    void* dRelevance = nullptr;
-    void* dPruned = nullptr;
-    void* dKept = nullptr;
-    void* dWorkspace = nullptr;
-    size_t const workspaceBytes = fsr::kernels::focusScanRefineWorkspaceSize(batch, numTokens, featureDim, budget);
-    cudaError_t status = buffers.upload(&dTokens, tokens, problem.tokensBytes);
+    Staged d;
+    cudaError_t status = stage(buffers, problem, tokens, features, saliency, relevance, d);
     if (status == cudaSuccess)
-        status = buffers.upload(&dFeatures, features, problem.featuresBytes);
-    if (status == cudaSuccess)
-        status = buffers.upload(&dSaliency, saliency, problem.scoresBytes);
-    if (status == cudaSuccess && relevance != nullptr)
-        status = buffers.upload(&dRelevance, relevance, problem.scoresBytes);
-    if (status == cudaSuccess)
-        status = buffers.alloc(&dPruned, problem.prunedBytes);
-    if (status == cudaSuccess)
-        status = buffers.alloc(&dKept, problem.keptBytes);
-    if (status == cudaSuccess)
-        status = buffers.alloc(&dWorkspace, workspaceBytes);
-    if (status == cudaSuccess)
-        status = launch(tokensDtype, dTokens, dFeatures, featuresDtype, dSaliency, dRelevance, scoresDtype, dPruned,
-            static_cast<int64_t*>(dKept), problem.params, dWorkspace, workspaceBytes, nullptr);
+        status = launch(tokensDtype, d.tokens, d.features, featuresDtype, d.saliency, d.relevance, scoresDtype,
+            d.pruned, static_cast<int64_t*>(d.kept), problem.params, d.workspace, d.workspaceBytes, nullptr);
     if (status == cudaSuccess)
         status = cudaDeviceSynchronize();
     if (status == cudaSuccess && problem.prunedBytes > 0)
-        status = cudaMemcpy(pruned, dPruned, problem.prunedBytes, cudaMemcpyDeviceToHost);
+        status = cudaMemcpy(pruned, d.pruned, problem.prunedBytes, cudaMemcpyDeviceToHost);
     if (status == cudaSuccess && problem.keptBytes > 0)
-        status = cudaMemcpy(keptIndices, dKept, problem.keptBytes, cudaMemcpyDeviceToHost);
+        status = cudaMemcpy(keptIndices, d.kept, problem.keptBytes, cudaMemcpyDeviceToHost);
     return static_cast<int32_t>(status);
 }
 
@@ -215,27 +230,8 @@ FSR_API int32_t fsr_bench_host(void const* tokens, int32_t tokensDtype, void con
         return static_cast<int32_t>(cudaErrorInvalidValue);
     }
     DeviceBuffers buffers;
-    void* dTokens = nullptr;
-    void* dFeatures = nullptr;
-    void* dSaliency = nullptr;
-    void* dRelevance = nullptr;
-    void* dPruned = nullptr;
-    void* dKept = nullptr;
-    void* dWorkspace = nullptr;
-    size_t const workspaceBytes = fsr::kernels::focusScanRefineWorkspaceSize(batch, numTokens, featureDim, budget);
-    cudaError_t status = buffers.upload(&dTokens, tokens, problem.tokensBytes);
-    if (status == cudaSuccess)
-        status = buffers.upload(&dFeatures, features, problem.featuresBytes);
-    if (status == cudaSuccess)
-        status = buffers.upload(&dSaliency, saliency, problem.scoresBytes);
-    if (status == cudaSuccess && relevance != nullptr)
-        status = buffers.upload(&dRelevance, relevance, problem.scoresBytes);
-    if (status == cudaSuccess)
-        status = buffers.alloc(&dPruned, problem.prunedBytes);
-    if (status == cudaSuccess)
-        status = buffers.alloc(&dKept, problem.keptBytes);
-    if (status == cudaSuccess)
-        status = buffers.alloc(&dWorkspace, workspaceBytes);
+    Staged d;
+    cudaError_t status = stage(buffers, problem, tokens, features, saliency, relevance, d);
     if (status != cudaSuccess)
     {
         return static_cast<int32_t>(status);
@@ -255,8 +251,8 @@ FSR_API int32_t fsr_bench_host(void const* tokens, int32_t tokensDtype, void con
         if (timed)
             status = cudaEventRecord(start, stream);
         if (status == cudaSuccess)
-            status = launch(tokensDtype, dTokens, dFeatures, featuresDtype, dSaliency, dRelevance, scoresDtype,
-                dPruned, static_cast<int64_t*>(dKept), problem.params, dWorkspace, workspaceBytes, stream);
+            status = launch(tokensDtype, d.tokens, d.features, featuresDtype, d.saliency, d.relevance, scoresDtype,
+                d.pruned, static_cast<int64_t*>(d.kept), problem.params, d.workspace, d.workspaceBytes, stream);
         if (status == cudaSuccess && timed)
             status = cudaEventRecord(stop, stream);
         if (status == cudaSuccess)
