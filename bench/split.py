@@ -17,10 +17,12 @@ import copy
 import onnx
 from onnx import helper
 
+from fsr.errors import FsrError
+
 FSR_DOMAIN, FSR_OP = "fsr", "FocusScanRefine"
 
 
-class SplitError(ValueError):
+class SplitError(FsrError, ValueError):
     """The graph holds no (or more than one) FocusScanRefine node."""
 
 

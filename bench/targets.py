@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from fsr.errors import FsrError
 from fsr.bench.analytic import LLMDims, VisionDims
 
 BACKENDS = ("ort", "trt", "torch")
 
 
-class BenchError(ValueError):
+class BenchError(FsrError, ValueError):
     """The benchmark cannot run as asked; the message says why and what to do."""
 
 
@@ -204,7 +205,7 @@ def _split_runners(export_dir: Path, manifest: dict, workdir: Path):
     import onnx
 
     from fsr.bench.split import fsr_op_model, vision_prefix_model
-    from fsr.export.trace import save_onnx
+    from fsr.onnx_io import save_onnx
     from fsr.runtime.onnxrt import OnnxRuntimeRunner
 
     vision = export_dir / manifest["graphs"]["vision"]["file"]

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from fsr.errors import FsrError
 from fsr.compare import end_to_end, graphs
 from fsr.compare.fidelity import DEFAULT_BUDGETS, pruning_fidelity
 from fsr.compare.graphs import ERROR, FAIL
@@ -35,7 +36,7 @@ from fsr.compare.tolerances import (
 BACKENDS = ("torch", "ort", "trt")
 
 
-class CompareError(ValueError):
+class CompareError(FsrError, ValueError):
     """Bad options or an unusable export; the message says what to do."""
 
 

@@ -11,11 +11,13 @@ import dataclasses
 
 import numpy as np
 
+from fsr.errors import FsrError
+
 BUILTIN_PROMPTS = ("What is in this picture?", "Describe the image in detail.", "How many shapes are there?")
 BUILTIN_SIZES = ((240, 320), (336, 336), (480, 288))
 
 
-class SampleError(ValueError):
+class SampleError(FsrError, ValueError):
     """Images and prompts that cannot be paired; the message says how to pass them."""
 
 

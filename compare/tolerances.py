@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
+from fsr.errors import FsrError
 
-class ToleranceError(ValueError):
+
+class ToleranceError(FsrError, ValueError):
     """A malformed ``--tol`` value; the message shows the expected form."""
 
 

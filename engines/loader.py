@@ -19,10 +19,11 @@ from typing import Callable
 
 import onnx
 
+from fsr.errors import FsrError
 from fsr.engines.profiles import Profile
 from fsr.engines.trt_import import TensorRT, import_tensorrt, make_logger
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(FsrError, RuntimeError):
     """TensorRT could not parse or build a graph; the message names the graph and the cause."""
 
 

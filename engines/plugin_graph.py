@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
+from fsr.errors import FsrError
 from fsr.engines.records import hash_files, update_manifest, write_atomic
 
 PLUGIN_GRAPH_SUFFIX = ".plugin.onnx"
@@ -25,7 +26,7 @@ BUILD_HINT = ("build it with: cmake -S plugin -B build/plugin -DTensorRT_ROOT=<T
               "cmake --build build/plugin -j")
 
 
-class PluginError(RuntimeError):
+class PluginError(FsrError, RuntimeError):
     """The plugin path cannot be used here; the message says why and what to do."""
 
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from fsr.errors import FsrError
+
 KNOWN_DIMS = ("batch", "sequence", "past_sequence", "total_sequence")
 TYPICAL_TEXT_TOKENS = 64
 
 
-class ProfileError(ValueError):
+class ProfileError(FsrError, ValueError):
     """The flags or a graph's shapes cannot make a valid profile; the message says which."""
 
 

@@ -24,11 +24,13 @@ import dataclasses
 import importlib
 from types import ModuleType
 
+from fsr.errors import FsrError
+
 FLAVOURS = ("tensorrt", "tensorrt_rtx")  # preference order: full TensorRT first
 INSTALL_HINT = "pip install tensorrt-rtx (CPU-only ahead-of-time builds) or install full TensorRT"
 
 
-class TensorRTMissing(ImportError):
+class TensorRTMissing(FsrError, ImportError):
     """Neither ``tensorrt`` nor ``tensorrt_rtx`` can be imported; the message says what to install."""
 
 

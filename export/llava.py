@@ -27,8 +27,10 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
+from fsr.errors import FsrError
 from fsr.export.manifest import FORMAT_VERSION, graph_entry, package_versions, write_manifest
-from fsr.export.trace import save_onnx, trace_to_onnx
+from fsr.export.trace import trace_to_onnx
+from fsr.onnx_io import save_onnx
 from fsr.graph_passes import finalize, select_outputs, splice_focus_scan_refine
 from fsr.models.llava import (
     CLIP_MAX_TOKENS, ClipTextEncoder, DecoderStep, LoadedModel, TokenEmbedding, VisionPrefix,
@@ -40,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 RELEVANCE = ("auto", "clip", "llm")
 
 
-class ExportConfigError(ValueError):
+class ExportConfigError(FsrError, ValueError):
     """Bad export settings; the message names the setting and the fix."""
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import onnx
 
+from fsr.errors import FsrError
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PACKAGES = ("fsr-export", "torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "onnxscript")
 
 
-class ManifestError(ValueError):
+class ManifestError(FsrError, ValueError):
     """An export folder is missing, incomplete or altered; the message says what to do."""
 
 

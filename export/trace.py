@@ -8,38 +8,16 @@ Pitfalls handled here, once:
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
-import onnx
 import torch
 
-OPSET = 18
-IR_VERSION = 10
-TWO_GB = 2**31 - 1
+from fsr.errors import FsrError
+from fsr.onnx_io import IR_VERSION, OPSET, TWO_GB, quiet_exporter, save_onnx  # noqa: F401 (re-exported)
 
 
-class ExportError(RuntimeError):
+class ExportError(FsrError, RuntimeError):
     """Tracing a graph failed; the message names the graph."""
-
-
-@contextlib.contextmanager
-def quiet_exporter():
-    """The exporter prints banners and warnings per step; keep the user's terminal clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
 
 
 def trace_to_onnx(
@@ -76,16 +54,3 @@ def trace_to_onnx(
     program.save(str(path), external_data=external)
     data = path.with_name(path.name + ".data")
     return [path, data] if external and data.exists() else [path]
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Save ``model``; graphs over 2 GB get external data beside them. Returns files written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.ir_version = IR_VERSION
-    if model.ByteSize() < TWO_GB:
-        onnx.save_model(model, path)
-        return [path]
-    data = path.with_name(path.name + ".data")
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return [path, data]

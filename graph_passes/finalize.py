@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from fsr.export.trace import IR_VERSION
+from fsr.onnx_io import IR_VERSION
 
 
 def finalize(graph: gs.Graph) -> onnx.ModelProto:

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fsr.errors import FsrError
 from fsr.models.tokenizer import IMAGE, build_byte_tokenizer
 
 CLIP_SUBFOLDER = "clip"  # CLIP model (text tower + projections) saved beside a preset
 CLIP_MAX_TOKENS = 77
 
 
-class ModelError(ValueError):
+class ModelError(FsrError, ValueError):
     """A model could not be found or does not fit; the message says what to do."""
 
 

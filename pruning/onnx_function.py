@@ -25,6 +25,8 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper
 
+from fsr.onnx_io import quiet_exporter
+
 from ._numerics import check_attributes
 from .fsr_fixed import FocusScanRefineFixed
 
@@ -102,7 +104,6 @@ def export_fsr_fixed(
     if has_relevance:
         args.append(torch.rand(2, num_tokens, generator=gen))
     batch = torch.export.Dim("batch", min=1)
-    from fsr.export.trace import quiet_exporter
 
     with quiet_exporter():  # the exporter's per-step banners and harmless warnings
         program = torch.onnx.export(

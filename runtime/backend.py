@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from fsr.errors import FsrError
 
-class BackendError(RuntimeError):
+
+class BackendError(FsrError, RuntimeError):
     """A backend cannot run here or cannot run this export; the message says why and what to do."""
 
 

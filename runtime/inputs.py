@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fsr.errors import FsrError
 from fsr.models.tokenizer import IMAGE
 
 
-class InputError(ValueError):
+class InputError(FsrError, ValueError):
     """A bad image or prompt; the message names the problem and the fix."""
 
 

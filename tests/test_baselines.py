@@ -243,7 +243,7 @@ N, D, F, K = 40, 6, 3, 10
 def saliency_topk_onnx():
     import onnx
 
-    from fsr.export.trace import quiet_exporter
+    from fsr.onnx_io import quiet_exporter
 
     gen = torch.Generator().manual_seed(0)
     args = (torch.randn(2, N, D, generator=gen), torch.randn(2, N, F, generator=gen), torch.rand(2, N, generator=gen))
