@@ -35,7 +35,8 @@ What lives here (torch only; the ONNX forms are in ``visionzip_onnx.py`` and re-
 - `clip_layer_visionzip_inputs`: the op's three inputs from a Hugging Face CLIP encoder layer,
   computing only the [CLS] query row of the attention (O(N));
 - lazily: `build_visionzip_function`, `visionzip_function`, `make_visionzip_model`,
-  `visionzip_node_attributes` (from ``visionzip_onnx.py``; they import onnx / onnxscript).
+  `visionzip_node_attributes`, `check_visionzip_nodes` (from ``visionzip_onnx.py``; they
+  import onnx / onnxscript).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def check_visionzip_inputs(hidden_states, cls_attention, keys) -> tuple[int, int
     """Raise `VisionZipError` unless the inputs have the op's shapes; return ``(B, T)``.
 
     ``hidden_states [B, T, C]``, ``cls_attention [B, T]``, ``keys [B, T, Dk]``, all floating
-    point, ``T = 1 + N >= 2`` (the [CLS] token and at least one patch).
+    point, ``T = 1 + N >= 1``, ``Dk >= 1``. (``T = 1``, the [CLS] row alone, is the identity.)
     """
     named = (("hidden_states", hidden_states, 3), ("cls_attention", cls_attention, 2), ("keys", keys, 3))
     for name, tensor, rank in named:
@@ -141,10 +142,8 @@ def check_visionzip_inputs(hidden_states, cls_attention, keys) -> tuple[int, int
             )
     if keys.shape[2] < 1:
         raise VisionZipError(f"VisionZip input keys needs at least one channel, got shape {tuple(keys.shape)}")
-    if num_tokens < 2:
-        raise VisionZipError(
-            f"VisionZip needs the [CLS] token and at least one patch (T = 1 + N >= 2 rows), got T = {num_tokens}"
-        )
+    if num_tokens < 1:
+        raise VisionZipError(f"VisionZip needs at least the [CLS] row (T = 1 + N >= 1), got T = {num_tokens}")
     return batch, num_tokens
 
 
@@ -397,6 +396,7 @@ def clip_layer_visionzip_inputs(layer: torch.nn.Module, hidden_states: torch.Ten
 
 _ONNX_NAMES = (
     "build_visionzip_function",
+    "check_visionzip_nodes",
     "make_visionzip_model",
     "visionzip_function",
     "visionzip_node_attributes",

@@ -201,6 +201,46 @@ def visionzip_node_attributes(*, dominant, contextual) -> dict:
     return {"dominant": int(dominant), "contextual": int(contextual)}
 
 
+def check_visionzip_nodes(model: onnx.ModelProto) -> int:
+    """Check every ``fsr.VisionZip`` node of ``model`` (top-level graph); return how many there are.
+
+    The function body cannot raise a readable error itself, so a runtime or a graph pass
+    calls this before creating a session: each node needs three inputs, two outputs, int
+    attributes ``dominant >= 1`` and ``contextual >= 1``, and the model must hold the
+    ``fsr.VisionZip`` function (or the plugin that replaces it). Raises `VisionZipError`
+    naming the node and the rule.
+    """
+    from .visionzip import VisionZipError
+
+    nodes = [n for n in model.graph.node if (n.domain, n.op_type) == (VISIONZIP_DOMAIN, VISIONZIP_OP)]
+    if nodes and not any((f.domain, f.name) == (VISIONZIP_DOMAIN, VISIONZIP_OP) for f in model.functions):
+        raise VisionZipError("the model has fsr.VisionZip nodes but not the fsr.VisionZip function; add "
+                             "visionzip_function() to model.functions (make_visionzip_model shows how)")
+    for node in nodes:
+        where = f"fsr.VisionZip node {node.name or '(unnamed)'}"
+        if len(node.input) != len(VISIONZIP_INPUTS) or not all(node.input):
+            raise VisionZipError(f"{where} has inputs {list(node.input)}; it needs {list(VISIONZIP_INPUTS)}")
+        if len(node.output) != len(VISIONZIP_OUTPUTS):
+            raise VisionZipError(f"{where} has outputs {list(node.output)}; it needs {list(VISIONZIP_OUTPUTS)}")
+        attributes = {a.name: a for a in node.attribute}
+        unknown = sorted(set(attributes) - set(VISIONZIP_ATTRIBUTES))
+        if unknown:
+            raise VisionZipError(f"{where} has unknown attributes {unknown}; it takes {list(VISIONZIP_ATTRIBUTES)}")
+        values = {}
+        for name in VISIONZIP_ATTRIBUTES:
+            if name not in attributes:
+                raise VisionZipError(f"{where} lacks the required int attribute {name!r}")
+            if attributes[name].type != onnx.AttributeProto.INT:
+                raise VisionZipError(f"{where}: attribute {name!r} must be an int, got "
+                                     f"{onnx.AttributeProto.AttributeType.Name(attributes[name].type)}")
+            values[name] = attributes[name].i
+        try:
+            check_visionzip_attributes(values["dominant"], values["contextual"])
+        except VisionZipError as exc:
+            raise VisionZipError(f"{where}: {exc}") from None
+    return len(nodes)
+
+
 def onnx_dtype(dtype: torch.dtype) -> int:
     try:
         return _TORCH_TO_ONNX[dtype]

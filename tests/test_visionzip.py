@@ -38,6 +38,7 @@ from fsr.pruning.visionzip import (
 )
 from fsr.pruning.visionzip_onnx import (
     build_visionzip_function,
+    check_visionzip_nodes,
     make_visionzip_model,
     onnx_dtype,
     visionzip_function,
@@ -259,7 +260,8 @@ def test_inputs_are_validated_with_messages():
         ((x, a[:, :8], k), r"cls_attention has shape \(2, 8\)"),
         ((x, a, k[:1]), r"keys has shape \(1, 9, 3\)"),
         ((x, a.long(), k), "cls_attention must be floating point"),
-        ((x[:, :1], a[:, :1], k[:, :1]), "at least one patch"),
+        ((x[:, :0], a[:, :0], k[:, :0]), r"at least the \[CLS\] row"),
+        ((x, a, k[..., :0]), "keys needs at least one channel"),
     ]:
         with pytest.raises(VisionZipError, match=match):
             visionzip_reference(*bad, dominant=3, contextual=2)
@@ -316,6 +318,10 @@ def test_identity_when_nothing_is_dropped():
         assert torch.equal(tokens, x) and kept.tolist() == [list(range(12))] * 3
         tokens, kept = VisionZipFixed(d, c)(x, a, k)
         assert torch.equal(tokens, x) and kept.tolist() == [list(range(12))] * 3
+    # The [CLS] row alone (N = 0) is the identity too, in every form.
+    one = (x[:, :1], a[:, :1], k[:, :1])
+    assert torch.equal(visionzip_reference(*one, dominant=1, contextual=1)[0], x[:, :1])
+    assert VisionZipFixed(1, 1)(*one)[1].tolist() == [[0]] * 3
     # One token fewer than T: the spec's path, every token kept, order [CLS, dominant, anchors].
     tokens, kept = visionzip_reference(x, a, k, dominant=6, contextual=5)
     assert kept.shape == (3, 11) and visionzip_output_count(6, 5, 12) == 11
@@ -429,13 +435,47 @@ def test_one_node_model_is_valid_and_its_attributes_are_what_runs():
     edited.ir_version = IR_VERSION
     session = _session(edited)
     g = torch.Generator().manual_seed(5)
-    for t in (2, 5, 11, 40, 577, 1500):  # one session, any N
+    for t in (1, 2, 5, 11, 40, 577, 1500):  # one session, any N (T = 1: [CLS] alone, the identity)
         inputs = make_inputs("generic", batch=2, num_tokens=t, width=6, key_width=4, generator=g)
         tokens, kept = session.run(None, _feed(inputs))
         ref_tokens, ref_kept = visionzip_reference(*inputs, dominant=7, contextual=3)
         assert kept.shape == (2, min(10, t))
         np.testing.assert_array_equal(kept, ref_kept.numpy())
         np.testing.assert_allclose(tokens, ref_tokens.numpy(), atol=1e-5, rtol=0)
+
+
+def test_node_checker_names_the_node_and_the_rule():
+    model = make_visionzip_model(dominant=54, contextual=10)
+    assert check_visionzip_nodes(model) == 1
+    assert check_visionzip_nodes(multi_node_model(DTYPES["fp32"], pairs=((3, 2), (5, 1)))) == 2
+
+    def edited(change):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        change(m)
+        return m
+
+    def set_attr(name, value):
+        def change(m):
+            node = m.graph.node[0]
+            kept = [a for a in node.attribute if a.name != name]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            if value is not None:
+                node.attribute.append(helper.make_attribute(name, value))
+        return change
+
+    for change, match in [
+        (set_attr("dominant", 0), "node visionzip: VisionZip attribute dominant must be an int >= 1"),
+        (set_attr("contextual", -2), "contextual must be an int >= 1"),
+        (set_attr("contextual", None), "lacks the required int attribute 'contextual'"),
+        (set_attr("dominant", 5.0), "attribute 'dominant' must be an int, got FLOAT"),
+        (set_attr("budget", 64), r"unknown attributes \['budget'\]"),
+        (lambda m: m.graph.node[0].input.pop(), "it needs"),
+        (lambda m: m.functions.pop(), "not the fsr.VisionZip function"),
+    ]:
+        with pytest.raises(VisionZipError, match=match):
+            check_visionzip_nodes(edited(change))
 
 
 def test_static_shapes_give_a_static_output_count():
