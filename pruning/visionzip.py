@@ -32,11 +32,13 @@ What lives here (torch only; the ONNX forms are in ``visionzip_onnx.py`` and re-
   truth for every other form);
 - `VisionZipFixed`: the batch-vectorised torch module (any N, no re-build), the formulation
   the ONNX function uses;
+- `visionzip_op` (``torch.ops.fsr.visionzip``): the op as a torch custom op, for models that
+  trace it; it exports to one ``fsr.VisionZip`` node (see `visionzip_translation_table`);
 - `clip_layer_visionzip_inputs`: the op's three inputs from a Hugging Face CLIP encoder layer,
   computing only the [CLS] query row of the attention (O(N));
-- lazily: `build_visionzip_function`, `visionzip_function`, `make_visionzip_model`,
-  `visionzip_node_attributes`, `check_visionzip_nodes` (from ``visionzip_onnx.py``; they
-  import onnx / onnxscript).
+- lazily (from ``visionzip_onnx.py``; they import onnx / onnxscript): `visionzip_function`,
+  `build_visionzip_function`, `make_visionzip_model`, `visionzip_node_attributes`,
+  `check_visionzip_nodes`, `visionzip_translation_table`, `add_visionzip_function`.
 """
 
 from __future__ import annotations
@@ -343,6 +345,31 @@ class VisionZipFixed(torch.nn.Module):
         return torch.cat([dominant_tokens, contextual_tokens], dim=1), kept
 
 
+# --------------------------------------------------------------------------- torch op
+
+
+@torch.library.custom_op("fsr::visionzip", mutates_args=())
+def visionzip_op(hidden_states: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor,
+                 dominant: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.fsr.visionzip``: the op inside a traced model (eager: `VisionZipFixed`).
+
+    Under ``torch.onnx.export(dynamo=True, custom_translation_table=
+    visionzip_translation_table())`` it becomes one ``fsr.VisionZip`` node carrying
+    ``dominant`` and ``contextual`` as attributes (``add_visionzip_function`` then adds the
+    function body), with the output rows ``min(dominant + contextual, T)`` symbolic in T.
+    """
+    tokens, kept = VisionZipFixed(dominant, contextual)(hidden_states, cls_attention, keys)
+    return tokens.clone(), kept.clone()  # a custom op may not return views of its inputs
+
+
+@visionzip_op.register_fake
+def _visionzip_op_shapes(hidden_states, cls_attention, keys, dominant, contextual):
+    check_visionzip_attributes(dominant, contextual)
+    batch, num_tokens, width = hidden_states.shape
+    rows = torch.sym_min(dominant + contextual, num_tokens)
+    return hidden_states.new_empty(batch, rows, width), hidden_states.new_empty(batch, rows, dtype=torch.int64)
+
+
 # --------------------------------------------------------------------------- CLIP inputs
 
 
@@ -395,8 +422,10 @@ def clip_layer_visionzip_inputs(layer: torch.nn.Module, hidden_states: torch.Ten
 # --------------------------------------------------------------------------- ONNX (lazy)
 
 _ONNX_NAMES = (
+    "add_visionzip_function",
     "build_visionzip_function",
     "check_visionzip_nodes",
+    "visionzip_translation_table",
     "make_visionzip_model",
     "visionzip_function",
     "visionzip_node_attributes",

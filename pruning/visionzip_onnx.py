@@ -31,12 +31,13 @@ TopK ``k <= 3840`` (``dominant - 1`` and ``K``).
 from __future__ import annotations
 
 import functools
+from typing import TypeVar
 
 import onnx
 import torch
 from onnx import TensorProto, helper
+from onnxscript import BFLOAT16, FLOAT, FLOAT16, INT64, script
 from onnxscript import opset18 as op
-from onnxscript import script
 from onnxscript.values import Opset
 
 from .visionzip import (
@@ -46,6 +47,7 @@ from .visionzip import (
     VISIONZIP_OP,
     VISIONZIP_OP_VERSION,
     VISIONZIP_OUTPUTS,
+    VisionZipError,
     check_visionzip_attributes,
 )
 
@@ -57,6 +59,12 @@ _FSR = Opset(VISIONZIP_DOMAIN, VISIONZIP_OP_VERSION)
 _F32 = TensorProto.FLOAT
 _I64 = TensorProto.INT64
 
+#: Type variables of the signature (what onnxscript and torch.onnx see; the FunctionProto
+#: itself carries no types, so ONNX Runtime and TensorRT accept any float for each input).
+THidden = TypeVar("THidden", FLOAT, FLOAT16, BFLOAT16)
+TAttention = TypeVar("TAttention", FLOAT, FLOAT16, BFLOAT16)
+TKeys = TypeVar("TKeys", FLOAT, FLOAT16, BFLOAT16)
+
 _TORCH_TO_ONNX = {
     torch.float32: TensorProto.FLOAT,
     torch.float16: TensorProto.FLOAT16,
@@ -65,7 +73,9 @@ _TORCH_TO_ONNX = {
 
 
 @script(_FSR, default_opset=op)
-def VisionZip(hidden_states, cls_attention, keys, dominant: int, contextual: int):
+def VisionZip(
+    hidden_states: THidden, cls_attention: TAttention, keys: TKeys, dominant: int, contextual: int
+) -> tuple[THidden, INT64]:
     # ---- sizes: d, c from the node; T, B, C, Dk from the inputs (all int64 [1]) ----------
     one = op.Constant(value_ints=[1])
     zero = op.Constant(value_ints=[0])
@@ -210,8 +220,6 @@ def check_visionzip_nodes(model: onnx.ModelProto) -> int:
     ``fsr.VisionZip`` function (or the plugin that replaces it). Raises `VisionZipError`
     naming the node and the rule.
     """
-    from .visionzip import VisionZipError
-
     nodes = [n for n in model.graph.node if (n.domain, n.op_type) == (VISIONZIP_DOMAIN, VISIONZIP_OP)]
     if nodes and not any((f.domain, f.name) == (VISIONZIP_DOMAIN, VISIONZIP_OP) for f in model.functions):
         raise VisionZipError("the model has fsr.VisionZip nodes but not the fsr.VisionZip function; add "
@@ -239,6 +247,64 @@ def check_visionzip_nodes(model: onnx.ModelProto) -> int:
         except VisionZipError as exc:
             raise VisionZipError(f"{where}: {exc}") from None
     return len(nodes)
+
+
+@functools.lru_cache(maxsize=1)
+def _node_schema() -> onnx.defs.OpSchema:
+    """The op's schema for onnxscript's graph builder (not registered with onnx globally)."""
+    schema = onnx.defs.OpSchema
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    return schema(
+        VISIONZIP_OP, VISIONZIP_DOMAIN, VISIONZIP_OP_VERSION,
+        inputs=[schema.FormalParameter(name, kind) for name, kind in zip(VISIONZIP_INPUTS, ("T", "U", "V"))],
+        outputs=[schema.FormalParameter(VISIONZIP_OUTPUTS[0], "T"),
+                 schema.FormalParameter(VISIONZIP_OUTPUTS[1], "tensor(int64)")],
+        type_constraints=[(kind, floats, "float types") for kind in ("T", "U", "V")],
+        attributes=[schema.Attribute(name, schema.AttrType.INT, "", required=True) for name in VISIONZIP_ATTRIBUTES],
+    )
+
+
+def _translate_visionzip(hidden_states, cls_attention, keys, dominant: int, contextual: int):
+    """torch.onnx translation of ``torch.ops.fsr.visionzip``: one ``fsr.VisionZip`` node."""
+    from onnxscript.values import Op
+
+    node = Op(_FSR, VISIONZIP_OP, op_schema=_node_schema())
+    return node(hidden_states, cls_attention, keys, dominant=dominant, contextual=contextual)
+
+
+def visionzip_translation_table() -> dict:
+    """``custom_translation_table`` entry for ``torch.onnx.export(dynamo=True)``.
+
+    The traced ``torch.ops.fsr.visionzip`` call becomes one ``fsr.VisionZip`` node with
+    the call's ``dominant`` / ``contextual`` as attributes; follow the export with
+    `add_visionzip_function` so the model holds the function body.
+    """
+    return {torch.ops.fsr.visionzip.default: _translate_visionzip}  # registered by .visionzip
+
+
+def add_visionzip_function(model: onnx.ModelProto) -> int:
+    """Give ``model`` the ``fsr.VisionZip`` function and opset import if it has VisionZip nodes.
+
+    Returns the number of VisionZip nodes (0: the model is left as it is). A function
+    already present is replaced by this body. Checks the nodes (`check_visionzip_nodes`).
+    """
+    count = sum((n.domain, n.op_type) == (VISIONZIP_DOMAIN, VISIONZIP_OP) for n in model.graph.node)
+    if not count:
+        return 0
+    kept = [f for f in model.functions if (f.domain, f.name) != (VISIONZIP_DOMAIN, VISIONZIP_OP)]
+    del model.functions[:]
+    model.functions.extend(kept)
+    model.functions.append(visionzip_function()[0])
+    imports = {o.domain: o for o in model.opset_import}
+    if VISIONZIP_DOMAIN not in imports:
+        model.opset_import.append(helper.make_opsetid(VISIONZIP_DOMAIN, VISIONZIP_OP_VERSION))
+    elif imports[VISIONZIP_DOMAIN].version != VISIONZIP_OP_VERSION:
+        raise VisionZipError(f"the model imports domain {VISIONZIP_DOMAIN!r} version {imports[VISIONZIP_DOMAIN].version}; "
+                         f"fsr.VisionZip is version {VISIONZIP_OP_VERSION}")
+    if imports.get("", None) is not None and imports[""].version != BODY_OPSET:
+        raise VisionZipError(f"the model's default opset is {imports[''].version}; the VisionZip body needs {BODY_OPSET}")
+    check_visionzip_nodes(model)
+    return count
 
 
 def onnx_dtype(dtype: torch.dtype) -> int:

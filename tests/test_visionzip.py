@@ -508,6 +508,16 @@ def test_tensorrt_rtx_builds_the_one_node_model_with_dynamic_tokens(tmp_path):
         build = EngineBytesFromOnnx(path, [profile], "fp16" if dtype == torch.float16 else "fp32", trt=trt)
         assert len(build()) > 0
 
+    # The parser reads each node's attributes: with T = 577 fixed, K is min(d + c, 577).
+    t = trt.module
+    for (d, c), k in {(54, 10): 64, (9, 3): 12, (600, 10): 577}.items():
+        model = make_visionzip_model(dominant=d, contextual=c, num_tokens=577, hidden_dim=64, key_dim=16)
+        logger = t.Logger(t.Logger.ERROR)
+        network = t.Builder(logger).create_network(1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = t.OnnxParser(network, logger)
+        assert parser.parse(model.SerializeToString())
+        assert [tuple(network.get_output(i).shape) for i in range(2)] == [(-1, k, 64), (-1, k)]
+
 
 # -- inputs from a Hugging Face CLIP layer ---------------------------------------------------
 
@@ -551,30 +561,77 @@ def test_clip_layer_inputs_match_hugging_face_attentions():
     assert tokens.shape == (3, 8, 32) and kept[:, 0].tolist() == [0, 0, 0]
 
 
-def test_clip_layer_inputs_export_with_dynamo():
-    from fsr.onnx_io import quiet_exporter
+def test_vision_module_with_the_torch_op_exports_to_one_visionzip_node():
+    """CLIP layer -> torch.ops.fsr.visionzip -> projector, traced with dynamo: the op becomes
+    one fsr.VisionZip node (attributes from the call, the body added afterwards) before the
+    projector; the hooks of the input helper trace too."""
+    import onnx_graphsurgeon as gs
+
+    from fsr.onnx_io import IR_VERSION, quiet_exporter
+    from fsr.pruning.visionzip_onnx import add_visionzip_function, visionzip_translation_table
 
     layer = clip_vision("sdpa").encoder.layers[1]
+    projector = torch.nn.Linear(32, 12)
 
-    class Wrapper(torch.nn.Module):
+    class Vision(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layer = layer
+            self.layer, self.projector = layer, projector
 
         def forward(self, hidden):
-            return tuple(clip_layer_visionzip_inputs(self.layer, hidden))
+            inputs = clip_layer_visionzip_inputs(self.layer, hidden)
+            tokens, kept = torch.ops.fsr.visionzip(*inputs, 5, 3)
+            return self.projector(tokens), kept
 
     hidden = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(7))
     with quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(Wrapper().eval(), (hidden,), dynamo=True, opset_version=18,
-                                    input_names=["hidden"], output_names=list(VISIONZIP_INPUTS),
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        program = torch.onnx.export(Vision().eval(), (hidden,), dynamo=True, opset_version=18,
+                                    input_names=["hidden"], output_names=["image_tokens", "kept_indices"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                                    custom_translation_table=visionzip_translation_table())
     model = program.model_proto
-    model.ir_version = 10
+    assert add_visionzip_function(model) == 1
+    model.ir_version = IR_VERSION
+    [node] = [n for n in model.graph.node if n.op_type == "VisionZip"]
+    assert node.domain == "fsr" and {a.name: a.i for a in node.attribute} == {"dominant": 5, "contextual": 3}
+    assert not any(n.op_type == "TopK" for n in model.graph.node)  # the body lives in the function only
+    assert [d.dim_value for d in model.graph.output[1].type.tensor_type.shape.dim][1:] == [8]
+
     hidden3 = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(8))
-    got = _session(model).run(None, {"hidden": hidden3.numpy()})
     with torch.no_grad():
-        want = clip_layer_visionzip_inputs(layer, hidden3)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b.numpy(), atol=1e-5, rtol=1e-5)
+        inputs = clip_layer_visionzip_inputs(layer, hidden3)
+    for dominant, contextual, graph_model in [(5, 3, model), (2, 6, None)]:
+        if graph_model is None:  # the same export with the node's attributes edited
+            graph = gs.import_onnx(model)
+            [vz] = [n for n in graph.nodes if n.op == "VisionZip"]
+            vz.attrs.update(dominant=dominant, contextual=contextual)
+            graph_model = gs.export_onnx(graph)
+            graph_model.ir_version = IR_VERSION
+        got_tokens, got_kept = _session(graph_model).run(None, {"hidden": hidden3.numpy()})
+        tokens, kept = visionzip_reference(*inputs, dominant=dominant, contextual=contextual)
+        np.testing.assert_array_equal(got_kept, kept.numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(got_tokens, projector(tokens).numpy(), atol=1e-5, rtol=1e-5)
     assert not layer.self_attn.k_proj._forward_hooks
+
+
+def test_torch_op_eager_and_symbolic_shapes():
+    g = torch.Generator().manual_seed(9)
+    x, a, k = make_inputs("attention_ties", batch=2, num_tokens=30, width=6, key_width=4, generator=g)
+    tokens, kept = torch.ops.fsr.visionzip(x, a, k, 9, 3)
+    ref_tokens, ref_kept = visionzip_reference(x, a, k, dominant=9, contextual=3)
+    assert torch.equal(kept, ref_kept)
+    torch.testing.assert_close(tokens, ref_tokens, atol=1e-5, rtol=0)
+    tokens, kept = torch.ops.fsr.visionzip(x, a, k, 40, 3)  # identity: a copy, not the input
+    assert torch.equal(tokens, x) and tokens.data_ptr() != x.data_ptr()
+    with pytest.raises(VisionZipError, match="contextual"):
+        torch.ops.fsr.visionzip(x, a, k, 9, 0)
+
+    class Op(torch.nn.Module):
+        def forward(self, x, a, k):
+            return torch.ops.fsr.visionzip(x, a, k, 9, 3)
+
+    tokens_dim = torch.export.Dim("tokens", min=2, max=4096)
+    program = torch.export.export(Op(), (x, a, k), dynamic_shapes=({1: tokens_dim}, {1: tokens_dim}, {1: tokens_dim}))
+    out = [n for n in program.graph.nodes if n.op == "output"][0].args[0][0].meta["val"]
+    assert "Min(12" in str(out.shape[1]) or "min(12" in str(out.shape[1]).lower()
