@@ -8,8 +8,8 @@ come from the input shapes. Nothing in the body depends on the model it is place
 Formulation (the same as `VisionZipFixed`, tested against `visionzip_reference`):
 
 - ``K = min(d + c, T)``; the body computes the general path for ``d' = min(d, K - 1)``,
-  ``c' = K - d'`` (equal to ``d, c`` whenever something is pruned; always a valid split for
-  ``T >= 2``) and replaces both outputs by the identity (the first ``K = T`` rows in input
+  ``c' = K - d'`` (equal to ``d, c`` whenever something is pruned; a split the general path
+  accepts for every ``T >= 1``) and replaces both outputs by the identity (the first ``K = T`` rows in input
   order) when ``d + c >= T``. No ``If``, ``Loop`` or ``NonZero``: every shape is ``B``,
   ``T``, ``K``, ``d'`` or ``c'``.
 - Dominant: ``TopK`` values only (``v`` = the ``(d'-1)``-th largest patch score), then the
