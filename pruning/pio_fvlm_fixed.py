@@ -222,19 +222,20 @@ def nms_static(saliency: torch.Tensor, features: torch.Tensor, keep: int, tau: f
         raise PioError(f"keep must be an integer in [1, {n}], got {keep!r}")
     x = F.normalize(features.float(), dim=-1, eps=NORM_EPS)
     neighbours = (x @ x.transpose(-1, -2)) >= tau  # [B,n,n]
-    key = descending_rank(saliency).to(torch.float32)  # 0..n-1, exact in float32
+    key = descending_rank(saliency).to(torch.float32)  # 0..n-1
+    # A token's cost: its rank, + n while suppressed, + 4n once selected (integers < 5n: exact in
+    # float32). The cheapest token is the best free one while any is left, else the best
+    # unselected one; only a free pick (cost < n) suppresses its neighbours.
+    big = float(n)
+    suppress = neighbours.to(torch.float32) * big  # [B,n,n]
     index = torch.arange(n, device=saliency.device)
-    selected = torch.zeros_like(saliency, dtype=torch.bool)
-    suppressed = torch.zeros_like(selected)
+    penalty = torch.zeros_like(key)
     for _ in range(keep):
-        free = ~(selected | suppressed)
-        any_free = free.any(-1, keepdim=True)
-        candidates = free | (~any_free & ~selected)
-        choice = torch.where(candidates, key, key + n).argmin(-1, keepdim=True)  # [B,1]
-        selected = selected | (index[None] == choice)
-        row = torch.gather(neighbours, 1, choice[:, :, None].expand(-1, 1, n))[:, 0]
-        suppressed = suppressed | (row & any_free)
-    order = torch.where(selected, index, index + n).to(torch.float32)
+        best, choice = (key + penalty).min(-1, keepdim=True)  # [B,1]
+        pick = (index[None] == choice).to(torch.float32)  # one-hot [B,n]
+        row = (pick[:, None, :] @ suppress)[:, 0]  # the pick's row of N, times n (exact: one term)
+        penalty = torch.maximum(penalty, torch.maximum(row * (best < big).to(torch.float32), pick * (4 * big)))
+    order = torch.where(penalty >= 4 * big, index, index + n).to(torch.float32)
     return torch.topk(order, keep, dim=-1, largest=False, sorted=True).indices
 
 

@@ -4,6 +4,8 @@ decoder with pruning stages between segments against the reference generation.""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -222,10 +224,14 @@ def test_closed_form_gradient_float32_against_float64():
     mask = torch.ones(2, 30, dtype=torch.int64)
     positions = torch.arange(30).repeat(2, 1)
     got = pio_gradient_closed_form(PioProxy.from_language_model(lm, head, 1), hidden, mask, positions)
-    lm64, head64 = lm.double(), head.double()
+    lm64, head64 = copy.deepcopy(lm).double(), copy.deepcopy(head).double()
     expected = pio_gradient_closed_form(PioProxy.from_language_model(lm64, head64, 1), hidden.double(), mask,
                                         positions)
     assert got.dtype == torch.float32 and rel_err(got.double(), expected) < 1e-5
+    # and against autograd through transformers' float32 modules (the reference is them, bit for bit)
+    proxy = PioProxy.from_language_model(lm, head, 1)
+    for b in range(2):
+        assert rel_err(got[b], pio_gradient_reference(proxy, hidden[b], positions[b])) < 1e-5
 
 
 # ----------------------------------------------------------------------------- NMS
