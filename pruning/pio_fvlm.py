@@ -19,7 +19,9 @@ What is here:
   (the two passes of spec section 6), `pio_stage_reference` (saliency, NMS, sequence
   surgery, renumbered positions) and `pio_generate_reference` (a greedy generation through
   an HF Llama decoder that prunes at the schedule's layers, with per-layer KV lengths and
-  per-layer decode position offsets): the pipeline every export is compared with.
+  per-layer decode position offsets): the pipeline every export is compared with;
+- `encoder_stage_reference`: the optional encoder-side stage ("w/ VE", spec section 7):
+  windowed local and global picks from two [CLS] attention maps, then merging.
 
 Layer numbers: a schedule holds the spec's **1-based** numbers ``r``: the stage prunes the
 output of decoder layer ``r - 1`` (0-based), so the pruned sequence first enters the layer
@@ -413,6 +415,73 @@ def pio_stage_reference(proxy: PioProxy, hidden: torch.Tensor, position_ids: tor
     index = torch.tensor(index, device=hidden.device)
     return PioStageResult(hidden[index], torch.arange(len(index), device=hidden.device), index,
                           torch.tensor(kept, device=hidden.device), saliency)
+
+
+# ----------------------------------------------------------------------------- encoder-side stage ("w/ VE")
+
+#: Upstream's attention layers for the encoder-side stage, 0-based among CLIP ViT-L/14-336's 24
+#: layers: windowed local picks from layer 5, global picks from layer 22 (LLaVA-1.5's feature
+#: layer, so the global map is FSR's saliency). Another tower depth needs its own choice.
+VE_LOCAL_LAYER, VE_GLOBAL_LAYER = 5, 22
+#: Windows per side of the patch grid for the local picks (4 x 4 = 16 windows of 6 x 6 on 24 x 24).
+VE_WINDOWS = 4
+
+
+def encoder_stage_counts(num_visual: int, keep: int, windows: int = VE_WINDOWS) -> tuple[int, int, int]:
+    """``(grid side, local picks per window, global picks)`` of the encoder-side stage.
+
+    ``nl = int(keep * 0.5)`` local tokens are asked for, ``nl // windows**2`` per window, and
+    ``keep - nl`` global ones: ``windows**2 * (nl // windows**2) + keep - nl`` tokens are kept
+    (``keep`` itself when ``windows**2`` divides ``nl``, e.g. 96 -> 16 * 3 + 48).
+    """
+    side = int(round(num_visual ** 0.5))
+    if side * side != num_visual or side % windows:
+        raise PioError(f"the encoder-side stage needs a square patch grid divisible into {windows} x {windows} "
+                       f"windows; {num_visual} tokens are not one")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < num_visual:
+        raise PioError(f"the encoder-side stage keeps an integer in [1, {num_visual - 1}] tokens, got {keep!r}")
+    local = int(keep * 0.5)
+    return side, local // (windows * windows), keep - local
+
+
+def encoder_stage_reference(local_attention: torch.Tensor, global_attention: torch.Tensor, tokens: torch.Tensor,
+                            keep: int, windows: int = VE_WINDOWS) -> tuple[torch.Tensor, list[int]]:
+    """The encoder-side stage of one image (spec section 7, LLaVA): ``(merged [K, D], kept)``.
+
+    ``local_attention`` / ``global_attention`` [n]: [CLS] -> patch attention (head mean) of the
+    two tower layers; ``tokens`` [n, D]: the projected image tokens. Local: the top
+    ``nl // windows**2`` of each window (row-major windows of the square grid); global: the top
+    ``keep - nl`` of the global map with the local picks set to 0; kept = the union, ascending.
+    Every dropped token joins its most cosine-similar kept token (float32, first on ties), and a
+    kept token becomes ``(itself + sum of its joiners) / (1 + count)`` (float32, cast back).
+    Ties in any ranking go to the lower index.
+    """
+    n = tokens.shape[0]
+    side, per_window, n_global = encoder_stage_counts(n, keep, windows)
+    size = side // windows
+    local_values, global_values = local_attention.tolist(), global_attention.tolist()
+    local: set[int] = set()
+    for wy in range(windows):
+        for wx in range(windows):
+            cells = [y * side + x for y in range(wy * size, (wy + 1) * size) for x in range(wx * size, (wx + 1) * size)]
+            local.update(sorted(cells, key=lambda i: (-local_values[i], i))[:per_window])
+    zeroed = [0.0 if i in local else v for i, v in enumerate(global_values)]
+    chosen = sorted(range(n), key=lambda i: (-zeroed[i], i))[:n_global]
+    kept = sorted(local | set(chosen))
+    dropped = [i for i in range(n) if i not in set(kept)]
+    unit = F.normalize(tokens.float(), dim=-1, eps=NORM_EPS)
+    groups: dict[int, list[int]] = {k: [] for k in range(len(kept))}
+    if dropped:
+        similarity = unit[dropped] @ unit[kept].T
+        for row, j in enumerate(dropped):
+            groups[int(similarity[row].argmax())].append(j)  # argmax: first index on ties
+    merged = []
+    for k, i in enumerate(kept):
+        total = tokens[i].float()
+        for j in groups[k]:
+            total = total + tokens[j].float()
+        merged.append(total / (1 + len(groups[k])))
+    return torch.stack(merged).to(tokens.dtype), kept
 
 
 # ----------------------------------------------------------------------------- generation

@@ -6,7 +6,8 @@ the proxy loss (spec section 5.1) through RMSNorm, RoPE, grouped-query attention
 without q/k/v/o biases), SwiGLU, the final norm and the LM head, batched, for left-padded
 rows. `nms_static` is the NMS in exactly ``keep`` unrolled steps. `PioPruningStage` is the
 module that sits between two decoder segments and exports with
-``torch.onnx.export(dynamo=True)`` (`export_pio_stage`). The readable reference, the truth
+``torch.onnx.export(dynamo=True)`` (`export_pio_stage`); `PioEncoderStage` is the optional
+encoder-side stage. The readable reference, the truth
 these are tested against, is ``pio_fvlm.py``; the method as implemented: ``pio_fvlm.md``.
 
 Batches: rows may be left-padded (``attention_mask`` 0 on padding); each row's result is
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pio_fvlm import K_POS, NORM_EPS, TAU, PioError, PioProxy
+from .pio_fvlm import K_POS, NORM_EPS, TAU, VE_WINDOWS, PioError, PioProxy, encoder_stage_counts
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -324,6 +325,59 @@ def check_stage_inputs(stage: PioPruningStage, hidden_states, attention_mask, po
     span = start[:, None] + torch.arange(stage.num_visual)[None]
     if not bool(torch.gather(attention_mask, 1, span).gt(0).all()):
         raise PioError("an image span covers padding: the attention mask must be 1 on every visual token")
+
+
+# ----------------------------------------------------------------------------- encoder-side stage
+
+
+class PioEncoderStage(nn.Module):
+    """The encoder-side stage ("w/ VE"), batched and exportable; `encoder_stage_reference` per row.
+
+    Inputs ``local_attention``, ``global_attention`` [B, n] (float), ``tokens`` [B, n, D];
+    outputs ``merged`` [B, K, D] (tokens' dtype) and ``kept_indices`` [B, K] (int64,
+    ascending) with ``K = windows**2 * (nl // windows**2) + keep - nl``, ``nl = int(keep / 2)``.
+    The global picks are ranked among the tokens that are not local picks (the reference zeroes
+    the local picks instead: the same whenever at least ``keep - nl`` other tokens have a
+    positive global attention, which a softmax guarantees).
+    """
+
+    INPUTS = ("local_attention", "global_attention", "tokens")
+    OUTPUTS = ("merged", "kept_indices")
+
+    def __init__(self, *, num_visual: int, keep: int, windows: int = VE_WINDOWS):
+        super().__init__()
+        side, self.per_window, self.n_global = encoder_stage_counts(num_visual, keep, windows)
+        self.num_visual, self.keep, self.windows = num_visual, keep, windows
+        self.kept_count = windows * windows * self.per_window + self.n_global
+        cells = torch.arange(num_visual)
+        size = side // windows
+        window = (cells // side) // size * windows + (cells % side) // size
+        self.register_buffer("same_window", window[:, None] == window[None, :], persistent=False)
+
+    def forward(self, local_attention, global_attention, tokens):
+        n = self.num_visual
+        index = torch.arange(n, device=tokens.device)
+        earlier = index[None, :] < index[:, None]  # [i, j]: j < i
+
+        def beats(scores):  # [B, i, j]: j ranks before i (higher score, ties to the lower index)
+            a, b = scores[:, None, :], scores[:, :, None]
+            return (a > b) | ((a == b) & earlier[None])
+
+        local = (beats(local_attention.float()) & self.same_window[None]).to(torch.int64).sum(-1) < self.per_window
+        others = beats(global_attention.float()) & ~local[:, None, :]
+        chosen = ~local & (others.to(torch.int64).sum(-1) < self.n_global)
+        order = torch.where(local | chosen, index, index + n).to(torch.float32)
+        kept = torch.topk(order, self.kept_count, dim=-1, largest=False, sorted=True).indices  # [B,K]
+        values = tokens.float()
+        kept_values = _gather_rows(values, kept)
+        unit = F.normalize(values, dim=-1, eps=NORM_EPS)
+        similarity = unit @ F.normalize(kept_values, dim=-1, eps=NORM_EPS).transpose(-1, -2)  # [B,n,K]
+        slots = torch.arange(self.kept_count, device=tokens.device)
+        dropped = ~(local | chosen)
+        assign = ((similarity.argmax(-1, keepdim=True) == slots) & dropped[:, :, None]).to(torch.float32)
+        total = kept_values + assign.transpose(1, 2) @ values
+        merged = total / (1 + assign.sum(1))[:, :, None]
+        return merged.to(tokens.dtype), kept
 
 
 # ----------------------------------------------------------------------------- export

@@ -21,6 +21,8 @@ from fsr.pruning.pio_fvlm import (
     PioSchedule,
     PioStage,
     causal_mask,
+    encoder_stage_counts,
+    encoder_stage_reference,
     layer_forward,
     llava15_schedule,
     nms_reference,
@@ -32,6 +34,7 @@ from fsr.pruning.pio_fvlm import (
     supervised_positions,
 )
 from fsr.pruning.pio_fvlm_fixed import (
+    PioEncoderStage,
     PioPruningStage,
     check_stage_inputs,
     descending_rank,
@@ -434,6 +437,85 @@ def test_stage_weights_are_the_decoder_segments_weights(exported_stage, tmp_path
         assert find(decoder_tensors, form), (name, "the decoder segment holds it in the same layout")
     matrices = sum(p.dim() == 2 for p in proxy.parameters())
     assert matrices == 8  # q, k, v, o, gate, up, down, LM head
+
+
+# ----------------------------------------------------------------------------- encoder-side stage
+
+
+def test_encoder_stage_counts():
+    assert encoder_stage_counts(576, 96) == (24, 3, 48)  # the README default: 16 * 3 local + 48 global
+    assert encoder_stage_counts(576, 100) == (24, 3, 50)  # nl = 50: 48 local, so 98 kept
+    with pytest.raises(PioError, match="square patch grid divisible into 4 x 4"):
+        encoder_stage_counts(575, 96)
+    with pytest.raises(PioError, match=r"keeps an integer in \[1, 575\]"):
+        encoder_stage_counts(576, 576)
+
+
+def test_encoder_stage_hand_worked():
+    # 4 x 4 grid, 2 x 2 windows of 2 x 2; keep 8: nl = 4, one local pick per window, 4 global.
+    local = torch.tensor([[9, 1, 0, 5], [2, 3, 6, 7], [0, 0, 1, 1], [0, 4, 1, 1]], dtype=torch.float32).flatten()
+    glob = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])
+    # token i points along axis i % 4, scaled by a power of two: cosines are exactly 1 or 0
+    tokens = torch.stack([torch.eye(4)[i % 4] * 2.0 ** (i % 3) for i in range(16)])
+    merged, kept = encoder_stage_reference(local, glob, tokens, 8, windows=2)
+    # windows: {0,1,4,5} -> 0; {2,3,6,7} -> 7; {8,9,12,13} -> 13 (4 beats 0s); {10,11,14,15} -> 10 (tie: lower)
+    # global among the rest, highest first: 15, 14, 12, 11
+    assert kept == [0, 7, 10, 11, 12, 13, 14, 15]
+    # dropped tokens join the first kept token on their axis: 0 (axis 0), 13 (1), 10 (2), 7 (3)
+    expected = tokens[kept].clone()
+    for slot, members in ((0, [0, 4, 8]), (5, [13, 1, 5, 9]), (2, [10, 2, 6]), (1, [7, 3])):
+        expected[slot] = tokens[members].sum(0) / len(members)
+    torch.testing.assert_close(merged, expected)
+    stage = PioEncoderStage(num_visual=16, keep=8, windows=2)
+    got_merged, got_kept = stage(local[None], glob[None], tokens[None])
+    assert got_kept.tolist() == [kept]
+    torch.testing.assert_close(got_merged[0], expected)
+
+
+@pytest.mark.parametrize("keep", [96, 100, 17])
+def test_encoder_stage_matches_the_reference(keep):
+    gen = torch.Generator().manual_seed(keep)
+    n, batch = 576, 4
+    local = torch.softmax(torch.randn(batch, n, generator=gen) * 3, -1)
+    glob = torch.softmax(torch.randn(batch, n, generator=gen) * 3, -1)
+    local[1] = 1.0 / n  # constant maps: every choice is a tie
+    glob[1] = 1.0 / n
+    local[2] = (local[2] * 2000).round() / 2000 + 1e-4  # many ties, all positive
+    glob[2] = (glob[2] * 2000).round() / 2000 + 1e-4
+    tokens = torch.randn(batch, n, 8, generator=gen)
+    tokens[3, 100:200] = tokens[3, 7]  # duplicated tokens
+    stage = PioEncoderStage(num_visual=n, keep=keep)
+    merged, kept = stage(local, glob, tokens)
+    assert kept.shape == (batch, stage.kept_count)
+    for b in range(batch):
+        ref_merged, ref_kept = encoder_stage_reference(local[b], glob[b], tokens[b], keep)
+        assert kept[b].tolist() == ref_kept, b
+        torch.testing.assert_close(merged[b], ref_merged, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_stage_exports_and_runs_in_onnxruntime():
+    import onnx
+    import onnxruntime as ort
+
+    from fsr.onnx_io import quiet_exporter
+
+    n, keep = 64, 16
+    stage = PioEncoderStage(num_visual=n, keep=keep).eval()
+    gen = torch.Generator().manual_seed(2)
+    args = (torch.rand(2, n, generator=gen), torch.rand(2, n, generator=gen), torch.randn(2, n, 8, generator=gen))
+    batch = torch.export.Dim("batch", min=1)
+    with quiet_exporter():
+        model = torch.onnx.export(stage, args, dynamo=True, opset_version=18, input_names=list(stage.INPUTS),
+                                  output_names=list(stage.OUTPUTS), dynamic_shapes=tuple({0: batch} for _ in args),
+                                  verbose=False).model_proto
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        feeds = (torch.rand(b, n, generator=gen), torch.rand(b, n, generator=gen), torch.randn(b, n, 8, generator=gen))
+        merged, kept = session.run(None, dict(zip(stage.INPUTS, (t.numpy() for t in feeds))))
+        ref_merged, ref_kept = stage(*feeds)
+        np.testing.assert_array_equal(kept, ref_kept.numpy())
+        np.testing.assert_allclose(merged, ref_merged.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- a segmented decoder
