@@ -228,10 +228,12 @@ class PioProxy(nn.Module):
     ``input_layernorm`` / ``post_attention_layernorm``.
     """
 
-    def __init__(self, layer: nn.Module, norm: nn.Module, lm_head: nn.Module, rotary_emb: nn.Module):
+    def __init__(self, layer: nn.Module, norm: nn.Module, lm_head: nn.Module, rotary_emb: nn.Module,
+                 layer_index: int | None = None):
         super().__init__()
         check_proxy_layer(layer)
         self.layer, self.norm, self.lm_head, self.rotary_emb = layer, norm, lm_head, rotary_emb
+        self.layer_index = layer_index  #: 0-based index of ``layer`` in its LLM, when known
 
     @classmethod
     def from_language_model(cls, language_model: nn.Module, lm_head: nn.Module, layer: int) -> "PioProxy":
@@ -239,7 +241,7 @@ class PioProxy(nn.Module):
         n = len(language_model.layers)
         if not 0 <= layer < n:
             raise PioError(f"proxy layer {layer} is out of range for an LLM with {n} layers")
-        return cls(language_model.layers[layer], language_model.norm, lm_head, language_model.rotary_emb)
+        return cls(language_model.layers[layer], language_model.norm, lm_head, language_model.rotary_emb, layer)
 
 
 def check_proxy_layer(layer: nn.Module) -> None:
@@ -285,8 +287,8 @@ def supervised_positions(length: int, k_pos: int = K_POS) -> list[int]:
     """The spec's supervised logit positions ``P`` of an unpadded sequence of ``length`` tokens.
 
     Upstream: drop the last logit, mark shifted indices ``L - 1 - t`` (``t < k_pos``,
-    ``L = length - 1``) clamped to ``[0, length - 2]``, duplicates collapse. Without padding that is ``{S-5, S-4, S-3, S-2}``: the last prompt
-    position is not supervised.
+    ``L = length - 1``) clamped to ``[0, length - 2]``, duplicates collapse. Without padding
+    that is ``{S-5, S-4, S-3, S-2}``: the last prompt position is not supervised.
     """
     if length < 2:
         raise PioError(f"a sequence of {length} token(s) has no supervised position (needs at least 2)")
@@ -521,10 +523,10 @@ def pio_generate_reference(language_model: nn.Module, lm_head: nn.Module, inputs
     layers, norm, rotary = language_model.layers, language_model.norm, language_model.rotary_emb
     embed = embed_tokens if embed_tokens is not None else language_model.embed_tokens
     s0, n = image_span
-    schedule.validate(num_layers=len(layers), num_visual=n)
     if schedule.encoder_tokens is not None:
         raise PioError("pio_generate_reference takes the LLM input after the encoder-side stage: pass a "
                        "schedule without encoder_tokens and the span it left")
+    schedule.validate(num_layers=len(layers), num_visual=n)
     stages = {st.layer: st for st in schedule.stages}
     cache = DynamicCache(config=language_model.config)
     h = inputs_embeds[None]
@@ -534,8 +536,8 @@ def pio_generate_reference(language_model: nn.Module, lm_head: nn.Module, inputs
     for index, layer in enumerate(layers):
         if index in stages:
             keep = stages[index].keep
-            result = pio_stage_reference(PioProxy(layer, norm, lm_head, rotary), h[0], positions, (s0, n), keep,
-                                         tau=tau)
+            result = pio_stage_reference(PioProxy(layer, norm, lm_head, rotary, index), h[0], positions, (s0, n),
+                                         keep, tau=tau)
             origin = origin[result.kept_local]
             records.append(PioStageRecord(index, result.kept_local.tolist(), origin.tolist(), result.saliency))
             h, positions = result.hidden[None], result.position_ids

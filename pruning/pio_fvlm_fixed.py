@@ -309,7 +309,10 @@ class PioPruningStage(nn.Module):
 
 
 def check_stage_inputs(stage: PioPruningStage, hidden_states, attention_mask, position_ids, image_start) -> None:
-    """Host-side checks a runtime makes before calling a stage (the graph itself cannot raise)."""
+    """Host-side checks a runtime makes before calling a stage (the graph itself cannot raise).
+    Takes tensors or arrays."""
+    hidden_states, attention_mask, position_ids, image_start = (
+        torch.as_tensor(t) for t in (hidden_states, attention_mask, position_ids, image_start))
     if hidden_states.dim() != 3:
         raise PioError(f"hidden_states must be [batch, sequence, hidden], got shape {tuple(hidden_states.shape)}")
     batch, length = hidden_states.shape[:2]
@@ -386,9 +389,10 @@ class PioEncoderStage(nn.Module):
 def export_pio_stage(stage: PioPruningStage, *, dtype: torch.dtype | None = None, opset: int = 18):
     """Export a stage with ``torch.onnx.export(dynamo=True)``; batch and sequence dynamic.
 
-    Returns the ``onnx.ModelProto`` (weights as initializers named by the stage's module
-    paths, e.g. ``proxy.layer.self_attn.q_proj.weight``). Inputs and outputs are named as in
-    `PioPruningStage.INPUTS` / `OUTPUTS`.
+    Returns the ``onnx.ModelProto``. Inputs and outputs are named as in
+    `PioPruningStage.INPUTS` / `OUTPUTS`; each weight matrix is one initializer holding
+    ``W^T`` (named by the exporter); the model's ``metadata_props`` record what the graph is
+    specialised to (`stage_metadata`).
     """
     from fsr.onnx_io import quiet_exporter
 
@@ -411,4 +415,15 @@ def export_pio_stage(stage: PioPruningStage, *, dtype: torch.dtype | None = None
                                     input_names=list(PioPruningStage.INPUTS),
                                     output_names=list(PioPruningStage.OUTPUTS),
                                     dynamic_shapes=dynamic, verbose=False)
-    return program.model_proto
+    model = program.model_proto
+    for key, value in stage_metadata(stage).items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def stage_metadata(stage: PioPruningStage) -> dict[str, str]:
+    """The constants an exported stage is built for: ``pio.num_visual``, ``pio.keep``, ``pio.tau``,
+    ``pio.k_pos`` and ``pio.proxy_layer`` (0-based; -1 when unknown)."""
+    layer = stage.proxy.layer_index
+    return {"pio.num_visual": str(stage.num_visual), "pio.keep": str(stage.keep), "pio.tau": repr(stage.tau),
+            "pio.k_pos": str(stage.k_pos), "pio.proxy_layer": str(-1 if layer is None else layer)}

@@ -13,7 +13,6 @@ from torch import nn
 
 from fsr.errors import FsrError
 from fsr.pruning.pio_fvlm import (
-    K_POS,
     LLAVA15_SCHEDULES,
     LLAVA15_VE_SCHEDULE_64,
     PioError,
@@ -97,7 +96,8 @@ def test_llava15_schedules_and_their_averages():
     for budget, schedule in LLAVA15_SCHEDULES.items():
         assert schedule.layers == (1, 10, 15)
         assert schedule.average(num_layers=32, num_visual=576) == budget
-    assert llava15_schedule(64).tokens_per_layer(num_layers=32, num_visual=576) == [576] + [92] * 9 + [54] * 5 + [22] * 17
+    per_layer = llava15_schedule(64).tokens_per_layer(num_layers=32, num_visual=576)
+    assert per_layer == [576] + [92] * 9 + [54] * 5 + [22] * 17
     assert llava15_schedule(64).token_counts(576) == [(576, 92), (92, 54), (54, 22)]
     ve = LLAVA15_VE_SCHEDULE_64
     assert ve.encoder_tokens == 96 and ve.token_counts(576) == [(96, 32)]
@@ -367,6 +367,8 @@ def test_exported_stage_matches_the_closed_form_in_onnxruntime(exported_stage):
     import onnxruntime as ort
 
     _, _, stage, model = exported_stage
+    assert {p.key: p.value for p in model.metadata_props} == {
+        "pio.num_visual": "24", "pio.keep": "6", "pio.tau": "0.8", "pio.k_pos": "4", "pio.proxy_layer": "1"}
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
     assert not {n.op_type for n in model.graph.node} & {"Loop", "If", "Scan"}
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
