@@ -237,6 +237,27 @@ def test_closed_form_gradient_float32_against_float64():
         assert rel_err(got[b], pio_gradient_reference(proxy, hidden[b], positions[b])) < 1e-5
 
 
+@torch.no_grad()
+def test_closed_form_with_float16_weights():
+    """fp16 weights: products in fp16 (as upstream's autocast), the rest in float32; against
+    float64 on the same (fp16-rounded) weights and inputs: spec section 12 asks rtol ~1e-2 and the
+    same kept tokens (Jaccard >= 0.9)."""
+    lm, head = llama(bias=True, dtype=torch.float16, seed=3)
+    lm64, head64 = copy.deepcopy(lm).double(), copy.deepcopy(head).double()
+    hidden = torch.randn(2, 60, HIDDEN).half()
+    mask = torch.ones(2, 60, dtype=torch.int64)
+    positions = torch.arange(60).repeat(2, 1)
+    proxy, proxy64 = PioProxy.from_language_model(lm, head, 1), PioProxy.from_language_model(lm64, head64, 1)
+    got = pio_gradient_closed_form(proxy, hidden, mask, positions)
+    expected = pio_gradient_closed_form(proxy64, hidden.double(), mask, positions)
+    assert got.dtype == torch.float32 and rel_err(got.double(), expected) < 1e-2
+    start = torch.tensor([5, 10])
+    kept = PioPruningStage(proxy, num_visual=40, keep=12)(hidden, mask, positions, start)[3]
+    kept64 = PioPruningStage(proxy64, num_visual=40, keep=12)(hidden.double(), mask, positions, start)[3]
+    for a, b in zip(kept.tolist(), kept64.tolist()):
+        assert len(set(a) & set(b)) / len(set(a) | set(b)) >= 0.9
+
+
 # ----------------------------------------------------------------------------- NMS
 
 
