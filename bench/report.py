@@ -25,7 +25,7 @@ def _pct(value) -> str:
 
 
 def _budget(row: dict) -> str:
-    return f"{row['kept_tokens']} (none)" if row["method"] == "none" else str(row["kept_tokens"])
+    return f"{row['kept_tokens']} (none)" if row["kept_tokens"] >= row["num_image_tokens"] else str(row["kept_tokens"])
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,12 +1,19 @@
-"""Export a LLaVA model to ONNX graphs with FocusScanRefine spliced into the vision graph.
+"""Export a model of any registered family to ONNX graphs with its pruning method inside.
 
-The export folder::
+::
 
-    manifest.json        what is here, how it was made, hashes
+    loaded = load_model("tiny")                                   # fsr.models
+    export_model(loaded, "exports/tiny-b64", ExportSettings("fsr", budget=64))
+
+The family's spec (`fsr.models.spec.ModelSpec`) says which graphs exist and which module
+is traced for each; the method (`fsr.pruning.methods`) says which vision-tower outputs it
+reads and puts its op into the vision graph. The export folder::
+
+    manifest.json        what is here, how it was made, hashes (fsr.manifest.Manifest)
     source/              the source model as a standard HF checkpoint (+ processor, + clip/)
     vision.onnx          pixels (+ instruction embedding) -> image_tokens [B,K,H] (+ kept_indices)
     embed.onnx           token ids -> LLM input embeddings
-    decoder.onnx         prefill and decode: embeddings, mask, positions, past KV -> logits, present KV
+    decoder.onnx         prefill and decode (or decoder_0.onnx, ... per segment)
     text_encoder.onnx    CLIP text tower (only when relevance comes from CLIP)
 
 Everything is written into a temporary folder beside the target and moved into place
@@ -19,90 +26,113 @@ import copy
 import dataclasses
 import datetime
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
-from fsr.errors import FsrError
-from fsr.export.manifest import FORMAT_VERSION, graph_entry, package_versions, write_manifest
+from fsr.export.output import ExportConfigError, commit_output, prepare_output
 from fsr.export.trace import trace_to_onnx
-from fsr.onnx_io import save_onnx
-from fsr.graph_passes import finalize, select_outputs, splice_focus_scan_refine
-from fsr.models.llava import (
-    CLIP_MAX_TOKENS, ClipTextEncoder, DecoderStep, LoadedModel, TokenEmbedding, VisionPrefix,
-    past_names, present_names, save_source,
+from fsr.graph_passes import finalize
+from fsr.manifest import (
+    SOURCE_DIR, DecoderSegment, FileRecord, GraphEntry, ImageInfo, Manifest, MethodInfo, ModelInfo, SourceInfo,
+    TensorInfo, file_record, hash_folder, package_versions, write_manifest,
 )
-
-METHODS = ("fsr", "none")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-RELEVANCE = ("auto", "clip", "llm")
-
-
-class ExportConfigError(FsrError, ValueError):
-    """Bad export settings; the message names the setting and the fix."""
+from fsr.models import get_spec
+from fsr.models.spec import CLIP_RELEVANCE, TORCH_DTYPES, GraphSpec, LoadedModel
+from fsr.onnx_io import save_onnx
+from fsr.pruning.methods import get_method, method_names
+from fsr.settings import DTYPES, Settings
 
 
-@dataclasses.dataclass
+
 class ExportSettings:
-    method: str = "fsr"
-    budget: int = 64
-    alpha: float = 3.0
-    beta: float = 1.0
-    rho: float = 0.9
-    kappa: float = 1.0
-    dtype: str = "fp32"
-    relevance: str = "auto"  # auto: CLIP when the model has a CLIP text tower, else llm fallback
-    decoder_splits: tuple[int, ...] = ()  # LLM layer indices where the decoder is cut into segments
+    """What an export is made with: the pruning method and its settings, the dtype, decoder splits.
+
+    ``ExportSettings("fsr", budget=64)`` takes the method's options by keyword
+    (`fsr.pruning.methods`); ``settings=`` takes a method settings object instead.
+    ``decoder_splits``: LLM layer indices where the decoder is cut into segments.
+    """
+
+    def __init__(self, method: str = "fsr", *, dtype: str = "fp32", decoder_splits: tuple[int, ...] = (),
+                 settings: Settings | None = None, **options: Any):
+        self.method = method
+        self.dtype = dtype
+        self.decoder_splits = tuple(decoder_splits)
+        pruning = get_method(method)
+        self.method_settings = settings if settings is not None else pruning.settings(**options)
+        self.validate()
+
+    @property
+    def budget(self) -> int | None:
+        return get_method(self.method).budget(self.method_settings)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ExportConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method != "none" and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ExportConfigError(
-                f"budget must be an integer >= 1 (got {self.budget!r}): it is the number of image tokens "
-                "the LLM keeps; use --method none to export without pruning")
+        method = get_method(self.method)
+        if not method.exportable:
+            raise ExportConfigError(f"method {self.method!r} has no in-graph form and cannot be exported; "
+                                    f"exportable methods: {', '.join(method_names(exportable=True))}")
+        if not isinstance(self.method_settings, method.Settings):
+            raise ExportConfigError(f"method {self.method!r} takes {method.Settings.__name__}, "
+                                    f"got {type(self.method_settings).__name__}")
+        self.method_settings.validate()
         if self.dtype not in DTYPES:
             raise ExportConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.relevance not in RELEVANCE:
-            raise ExportConfigError(f"unknown relevance {self.relevance!r}; choose one of {', '.join(RELEVANCE)}")
-        if not 0 < self.rho <= 1:
-            raise ExportConfigError(f"rho must be in (0, 1] (got {self.rho})")
-        if self.kappa < 0 or self.alpha < 0 or self.beta < 0:
-            raise ExportConfigError("alpha, beta and kappa must be >= 0")
+        splits = list(self.decoder_splits)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in splits) or splits != sorted(set(splits)):
+            raise ExportConfigError(f"decoder_splits must be increasing layer indices >= 1 (got {splits})")
+
+    def __repr__(self) -> str:
+        return (f"ExportSettings(method={self.method!r}, settings={self.method_settings!r}, dtype={self.dtype!r}, "
+                f"decoder_splits={self.decoder_splits!r})")
 
 
 def _noop(step: str) -> None:
     pass
 
 
-def prepare_output(output: Path, force: bool) -> Path:
-    """Refuse to overwrite without ``force``; return a fresh temporary folder beside ``output``."""
-    output = Path(output)
-    if output.exists() and not force:
-        raise ExportConfigError(f"{output} already exists; pass --force to replace it, or choose another --output")
-    if output.exists() and not output.is_dir():
-        raise ExportConfigError(f"{output} exists and is not a folder; remove it or choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+# ----------------------------------------------------------------------------- the plan
 
 
-def commit_output(tmp: Path, output: Path) -> None:
-    """Move the finished export into place; an old one (``--force``) is removed only after."""
-    old = None
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        output.rename(old / "export")
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
+    """The manifest of an export of ``loaded`` with ``settings``, before any file is written
+    (graph entries without files). The exporter fills in the files; the runtime's PyTorch back
+    end runs a model in memory from it directly."""
+    spec = get_spec(loaded.family)
+    method = get_method(settings.method)
+    config = loaded.config
+    llm, vision = spec.llm_dims(config), spec.vision_dims(config)
+    n_image = spec.num_image_tokens(config)
+    bounds = [0, *settings.decoder_splits, llm.num_layers]
+    if bounds != sorted(set(bounds)):
+        raise ExportConfigError(f"decoder_splits {list(settings.decoder_splits)} must lie inside the LLM's "
+                                f"{llm.num_layers} layers")
+    segments = [DecoderSegment("decoder" if len(bounds) == 2 else f"decoder_{s}", [a, b])
+                for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    relevance = spec.relevance_info(loaded, method.relevance_mode(settings.method_settings))
+    names = ["vision", "embed"] + (["text_encoder"] if relevance.source == CLIP_RELEVANCE else [])
+    names += [s.graph for s in segments]
+    return Manifest(
+        family=spec.name,
+        model=ModelInfo(loaded.source, loaded.path, loaded.preset, config.model_type, loaded.random_weights),
+        method=MethodInfo(method.name, settings.method_settings.to_json()),
+        dtype=settings.dtype,
+        llm=llm,
+        vision=vision,
+        image=ImageInfo(spec.image_token_id(config), n_image, method.kept_tokens(settings.method_settings, n_image)),
+        relevance=relevance,
+        decoder_segments=segments,
+        graphs={name: GraphEntry([], [], []) for name in names},
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        packages=package_versions(),
+    )
 
 
-def export_llava(loaded: LoadedModel, output: Path, settings: ExportSettings, *, force: bool = False,
+# ----------------------------------------------------------------------------- export
+
+
+def export_model(loaded: LoadedModel, output: Path, settings: ExportSettings, *, force: bool = False,
                  progress: Callable[[str], None] = _noop) -> Path:
     """Export ``loaded`` into ``output`` (atomically). Returns the export folder."""
     settings.validate()
@@ -118,133 +148,68 @@ def export_llava(loaded: LoadedModel, output: Path, settings: ExportSettings, *,
     return output
 
 
-def relevance_source(loaded: LoadedModel, settings: ExportSettings) -> str | None:
-    if settings.method == "none":
-        return None
-    if settings.relevance == "clip" and loaded.clip is None:
-        raise ExportConfigError(
-            "--relevance clip needs a CLIP model with a text tower: pass --clip PATH (the CLIP checkpoint the "
-            "vision tower came from) or use --relevance llm")
-    if settings.relevance == "llm" or loaded.clip is None:
-        return "llm-embedding-mean"
-    return "clip"
+def _in_dtype(loaded: LoadedModel, dtype) -> LoadedModel:
+    """``loaded`` in ``dtype``, leaving the caller's model as it was."""
+    if next(loaded.model.parameters()).dtype == dtype:
+        return loaded
+    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(dtype),
+                               clip=copy.deepcopy(loaded.clip).to(dtype) if loaded.clip is not None else None)
 
 
 def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, progress) -> None:
-    dtype = DTYPES[settings.dtype]
-    if next(loaded.llava.parameters()).dtype != dtype:  # leave the caller's model as it was
-        loaded = dataclasses.replace(loaded, llava=copy.deepcopy(loaded.llava).to(dtype),
-                                     clip=copy.deepcopy(loaded.clip).to(dtype) if loaded.clip is not None else None)
-    llava, clip = loaded.llava, loaded.clip
-    text_cfg = llava.config.text_config
-    relevance = relevance_source(loaded, settings)
+    spec = get_spec(loaded.family)
+    loaded = _in_dtype(loaded, TORCH_DTYPES[settings.dtype])
+    manifest = describe(loaded, settings)
 
     progress("saving the source model (HF checkpoint + processor)")
-    save_source(loaded, root / "source")
+    spec.save_source(loaded, root / SOURCE_DIR, spec.clip_subfolder)
 
-    graphs: dict[str, Path] = {}
-    progress("tracing the vision graph")
-    graphs["vision"] = _export_vision(llava, clip if relevance == "clip" else None, root, settings, relevance)
-
-    progress("tracing the token-embedding graph")
-    graphs["embed"] = root / "embed.onnx"
-    trace_to_onnx(TokenEmbedding(llava), (torch.tensor([[1, 2, 3], [4, 5, 6]]),), graphs["embed"],
-                  input_names=["input_ids"], output_names=["inputs_embeds"],
-                  dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},))
-
-    if relevance == "clip":
-        progress("tracing the CLIP text-encoder graph")
-        graphs["text_encoder"] = root / "text_encoder.onnx"
-        ids = torch.ones(2, CLIP_MAX_TOKENS, dtype=torch.long)
-        trace_to_onnx(ClipTextEncoder(clip), (ids, torch.ones_like(ids)), graphs["text_encoder"],
-                      input_names=["input_ids", "attention_mask"], output_names=["text_embeds"],
-                      dynamic_shapes=({0: torch.export.Dim("batch")}, {0: torch.export.Dim("batch")}))
-
-    segments = []
-    bounds = [0, *settings.decoder_splits, text_cfg.num_hidden_layers]
-    for s, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-        name = "decoder" if len(bounds) == 2 else f"decoder_{s}"
-        progress(f"tracing the {name} graph (LLM layers {start}..{stop - 1}, prefill + decode)")
-        graphs[name] = root / f"{name}.onnx"
-        _export_decoder(llava, start, stop, graphs[name], dtype)
-        segments.append({"graph": name, "layers": [start, stop]})
+    paths: dict[str, Path] = {}
+    for graph in spec.graphs(loaded, manifest):
+        progress(_step(graph))
+        paths[graph.name] = trace_graph(graph, root)
 
     progress("checking every graph (onnx.checker, full)")
-    for path in graphs.values():
+    for path in paths.values():
         onnx.checker.check_model(str(path), full_check=True)
 
     progress("writing manifest.json")
-    n_image = _num_image_tokens(llava)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "architecture": "llava",
-        "model": {"source": loaded.source, "path": loaded.path, "preset": loaded.preset},
-        "source_model": "source",
-        "method": settings.method,
-        "budget": settings.budget if settings.method != "none" else None,
-        "fsr": ({k: getattr(settings, k) for k in ("alpha", "beta", "rho", "kappa")}
-                if settings.method == "fsr" else None),
-        "dtype": settings.dtype,
-        "relevance": {"source": relevance, "text_max_tokens": CLIP_MAX_TOKENS if relevance == "clip" else None,
-                      "clip_model": "source/clip" if relevance == "clip" else None},
-        "num_image_tokens": n_image,
-        "kept_image_tokens": n_image if settings.method == "none" else min(settings.budget, n_image),
-        "image_token_id": llava.config.image_token_id,
-        "llm": {
-            "num_layers": text_cfg.num_hidden_layers,
-            "num_kv_heads": text_cfg.num_key_value_heads,
-            "head_dim": getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads,
-            "hidden_size": text_cfg.hidden_size,
-            "vocab_size": text_cfg.vocab_size,
-        },
-        "decoder_segments": segments,
-        "graphs": {name: graph_entry(path, root) for name, path in graphs.items()},
-        "packages": package_versions(),
-    }
+    manifest.graphs = {name: graph_entry(path, root) for name, path in paths.items()}
+    manifest.source = SourceInfo(SOURCE_DIR, hash_folder(root, SOURCE_DIR))
     write_manifest(root, manifest)
 
 
-def _num_image_tokens(llava) -> int:
-    v = llava.config.vision_config
-    return (v.image_size // v.patch_size) ** 2
+def _step(graph: GraphSpec) -> str:
+    if graph.role == "decoder":
+        first, last = graph.module.start, graph.module.stop - 1
+        return f"tracing the {graph.name} graph (LLM layers {first}..{last}, prefill + decode)"
+    what = {"vision": "vision", "embed": "token-embedding", "text_encoder": "CLIP text-encoder"}[graph.role]
+    return f"tracing the {what} graph"
 
 
-def _export_vision(llava, clip, root: Path, settings: ExportSettings, relevance: str | None) -> Path:
-    v = llava.config.vision_config
-    prefix = VisionPrefix(llava, clip)
-    embed_dim = clip.config.projection_dim if clip is not None else llava.config.text_config.hidden_size
-    dtype = DTYPES[settings.dtype]
-    args = (torch.randn(2, 3, v.image_size, v.image_size, dtype=dtype), torch.randn(2, embed_dim, dtype=dtype))
-    batch = torch.export.Dim("batch")
-    path = root / "vision.onnx"
-    trace_to_onnx(prefix, args, path, input_names=["pixel_values", "instruction_embeds"],
-                  output_names=["tokens", "features", "saliency", "relevance"],
-                  dynamic_shapes=({0: batch}, {0: batch}))
-    graph = gs.import_onnx(onnx.load(path))
-    if settings.method == "fsr":
-        graph = splice_focus_scan_refine(graph, budget=settings.budget, alpha=settings.alpha, beta=settings.beta,
-                                         rho=settings.rho, kappa=settings.kappa, use_relevance=relevance is not None)
-    else:
-        graph = select_outputs(graph, {"tokens": "image_tokens"})
-    save_onnx(finalize(graph), path)
+def trace_graph(graph: GraphSpec, root: Path) -> Path:
+    """Trace one graph into ``root/<name>.onnx``; the vision graph then gets the method's op."""
+    path = root / f"{graph.name}.onnx"
+    trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
+                  output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes)
+    if graph.attach is not None:
+        if graph.projector is not None:
+            raise ExportConfigError("methods that run before the projector cannot be exported yet "
+                                    "(the projector graph is not appended after their op)")
+        onnx_graph = graph.attach(gs.import_onnx(onnx.load(path)))
+        save_onnx(finalize(onnx_graph), path)
     return path
 
 
-def _export_decoder(llava, start: int, stop: int, path: Path, dtype) -> None:
-    cfg = llava.config.text_config
-    step = DecoderStep(llava, start, stop)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    b, s, p = 2, 3, 4
-    layers = range(start, stop)
-    past = tuple(torch.randn(b, cfg.num_key_value_heads, p, head_dim, dtype=dtype) for _ in range(2 * len(layers)))
-    args = (torch.randn(b, s, cfg.hidden_size, dtype=dtype), torch.ones(b, p + s, dtype=torch.long),
-            torch.arange(p, p + s).repeat(b, 1), *past)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    past_len, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-               tuple({0: batch, 2: past_len} for _ in past))
-    first = "inputs_embeds" if start == 0 else "hidden_states"
-    last = "logits" if step.is_last else "hidden_states_out"
-    trace_to_onnx(step, args, path, input_names=[first, "attention_mask", "position_ids", *past_names(layers)],
-                  output_names=[last, *present_names(layers)], dynamic_shapes=dynamic)
+def graph_entry(path: Path, root: Path) -> GraphEntry:
+    """Inputs, outputs, files and hashes of one written graph (its external data after it)."""
+    model = onnx.load(path, load_external_data=False)
+    data = path.with_name(path.name + ".data")
+    files: list[FileRecord] = [file_record(root, p) for p in [path, data] if p.is_file()]
+    return GraphEntry(files, [_tensor(v) for v in model.graph.input], [_tensor(v) for v in model.graph.output])
+
+
+def _tensor(v: onnx.ValueInfoProto) -> TensorInfo:
+    t = v.type.tensor_type
+    return TensorInfo(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                      [d.dim_param or d.dim_value for d in t.shape.dim])
