@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 MIB = 1 << 20
@@ -130,8 +131,6 @@ def plot(doc: dict, path: Path) -> Path:
     right.set_ylabel("time to first token (ms)")
     right.set_title("time to first token")
     right.legend(fontsize=7)
-    import textwrap
-
     fig.suptitle(textwrap.fill(device_line(doc), 160), fontsize=7)
     fig.tight_layout()
     path = Path(path)
