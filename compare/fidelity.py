@@ -44,7 +44,7 @@ DEFAULT_BUDGETS = (192, 128, 64)
 
 def available_methods() -> dict[str, PruningMethod]:
     """The registry's pruning methods that have a readable reference, by name."""
-    return {m.name: m for m in all_methods() if m.prunes and m.reference_function is not None}
+    return {m.name: m for m in all_methods() if m.prunes and m.has_reference()}
 
 
 def method_settings(method: PruningMethod, manifest: Manifest):

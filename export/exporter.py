@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import onnx
+import onnx.compose
 import onnx_graphsurgeon as gs
+import torch
 
 from fsr.export.output import ExportConfigError, commit_output, prepare_output
 from fsr.export.trace import trace_to_onnx
@@ -44,6 +46,9 @@ from fsr.models.spec import CLIP_RELEVANCE, TORCH_DTYPES, GraphSpec, LoadedModel
 from fsr.onnx_io import save_onnx
 from fsr.pruning.methods import get_method, method_names
 from fsr.settings import DTYPES, Settings
+
+#: the vision graph's tensor between a method placed before the projector and the projector
+PRUNED_FEATURES = "pruned_features"
 
 
 
@@ -188,17 +193,50 @@ def _step(graph: GraphSpec) -> str:
 
 
 def trace_graph(graph: GraphSpec, root: Path) -> Path:
-    """Trace one graph into ``root/<name>.onnx``; the vision graph then gets the method's op."""
+    """Trace one graph into ``root/<name>.onnx``; the vision graph then gets the method's op (and, for a
+    method that runs before the projector, the projector after it)."""
     path = root / f"{graph.name}.onnx"
     trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
                   output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes)
     if graph.attach is not None:
+        model = finalize(graph.attach(gs.import_onnx(onnx.load(path))))
         if graph.projector is not None:
-            raise ExportConfigError("methods that run before the projector cannot be exported yet "
-                                    "(the projector graph is not appended after their op)")
-        onnx_graph = graph.attach(gs.import_onnx(onnx.load(path)))
-        save_onnx(finalize(onnx_graph), path)
+            model = append_projector(model, graph.projector, root)
+        save_onnx(model, path)
     return path
+
+
+def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.ModelProto:
+    """``model``'s first output (the pruned vision features [B, K, F] of a method placed before the
+    projector) through ``projector``, traced on its own and merged in: outputs ``image_tokens`` [B, K, H]
+    and the method's other outputs."""
+    graph = gs.import_onnx(model)
+    features = graph.outputs[0]
+    features.name = PRUNED_FEATURES
+    others = [t.name for t in graph.outputs[1:]]
+    model = gs.export_onnx(graph)
+    width = features.shape[-1]
+    if not isinstance(width, int):
+        raise ExportConfigError(f"the method's pruned features have no static width ({features.shape}); the "
+                                "projector cannot be traced after them")
+    dtype = next(projector.parameters()).dtype
+    tail_path = root / ".projector.onnx"
+    tokens = {0: torch.export.Dim("batch"), 1: torch.export.Dim("kept_tokens")}
+    try:
+        trace_to_onnx(projector, (torch.randn(2, 5, width, dtype=dtype),), tail_path, input_names=[PRUNED_FEATURES],
+                      output_names=["image_tokens"], dynamic_shapes=(tokens,))
+        tail = onnx.load(tail_path)
+    finally:
+        tail_path.unlink(missing_ok=True)
+    model.ir_version = tail.ir_version
+    merged = onnx.compose.merge_models(model, tail, io_map=[(PRUNED_FEATURES, PRUNED_FEATURES)],
+                                       prefix2="projector/", outputs=["projector/image_tokens", *others])
+    merged_graph = gs.import_onnx(merged)
+    by_name = {t.name: t for t in merged_graph.outputs}
+    tokens = by_name["projector/image_tokens"]
+    tokens.name = "image_tokens"
+    merged_graph.outputs = [tokens, *(by_name[n] for n in others)]
+    return finalize(merged_graph)
 
 
 def graph_entry(path: Path, root: Path) -> GraphEntry:

@@ -149,6 +149,10 @@ class PruningMethod:
 
         return run
 
+    def has_reference(self) -> bool:
+        """Whether `reference` works (a ``reference_function``, or an own ``reference``)."""
+        return self.reference_function is not None or type(self).reference is not PruningMethod.reference
+
     def reference_arguments(self) -> tuple[str, ...]:
         """Keyword names the reference function takes its inputs by."""
         return tuple(self.needs) + ((self.relevance_input,) if self.relevance_input else ())

@@ -77,7 +77,7 @@ def test_every_method_describes_where_it_attaches():
         assert method.placement in ("after_projector", "before_projector")
         assert method.outputs()[0] == "image_tokens"
         if method.prunes:
-            assert method.reference_function is not None, method.name
+            assert method.has_reference(), method.name
         if method.exportable and method.prunes:
             assert method.onnx_op is not None
 
