@@ -24,6 +24,7 @@ import typer
 from fsr.cli import OptionError, command, current_argv, err, make_app, run_app, split_list
 from fsr.models import FAMILIES, get_family
 from fsr.runtime.backend import BackendError
+from fsr.settings import DTYPES
 
 DEFAULT_CACHE = Path("~/.cache/fsr-bench")
 #: budgets of a --preset run without --budgets (the unpruned baseline is always measured too)
@@ -125,6 +126,10 @@ def bench(
         raise OptionError("pass export folders or --preset NAME (one of the two)")
     if backend not in BACKENDS:
         raise OptionError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if dtype not in (None, *DTYPES):
+        raise OptionError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device not in (None, "cpu", "cuda"):
+        raise OptionError(f"unknown --device {device!r}; choose cpu or cuda")
     if fsr_impl not in ("fixed", "reference"):
         raise OptionError(f"unknown --fsr-impl {fsr_impl!r}; choose fixed or reference")
     get_family(family)

@@ -28,7 +28,7 @@ from fsr.bench import analytic
 from fsr.bench.memory import PeakMemory
 from fsr.bench.roofline import DevicePeak
 from fsr.bench.stats import ratio, summarize
-from fsr.bench.targets import ModelInfo, Target, TargetSpec
+from fsr.bench.targets import BenchError, ModelInfo, Target, TargetSpec
 from fsr.models.spec import Request
 
 SCHEMA = "fsr-bench/1"
@@ -49,11 +49,11 @@ class BenchSettings:
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
-            raise ValueError(f"batch sizes must be >= 1 (got {self.batches})")
+            raise BenchError(f"batch sizes must be >= 1 (got {self.batches})")
         if self.warmup < 0 or self.repeat < 1:
-            raise ValueError("warmup must be >= 0 and repeat >= 1")
+            raise BenchError("warmup must be >= 0 and repeat >= 1")
         if self.new_tokens < 1:
-            raise ValueError("new_tokens must be >= 1")
+            raise BenchError("new_tokens must be >= 1")
 
 
 def synthetic_images(count: int, size: int):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fsr.manifest import Manifest, read_manifest
-from fsr.models import get_spec
+from fsr.models import ModelError, get_spec
 from fsr.models.parts import ClipTextEncoder, VisionTower
 from fsr.models.spec import CLIP_RELEVANCE, REFERENCE, ImageFeatures, LoadedModel, Request
 from fsr.runtime.pipeline import GenerationResult, HostSteps
@@ -27,7 +27,8 @@ class ReferencePipeline(HostSteps):
         self.model = loaded.model.to(self.device).eval()
         spec = get_spec(manifest.family)
         if manifest.relevance.source == CLIP_RELEVANCE and loaded.clip is None:
-            raise ValueError("relevance 'clip' needs the CLIP model; load the model with its clip/ folder")
+            raise ModelError("this export's relevance comes from CLIP, but the model has no CLIP text tower; load the "
+                             "model with its clip/ folder")
         if eos is None:
             configured = self.model.generation_config.eos_token_id  # as saved in generation_config.json
             eos = set(configured if isinstance(configured, list) else [configured]) if configured is not None \

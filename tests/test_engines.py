@@ -285,3 +285,16 @@ def test_changed_onnx_makes_the_engine_stale(built_none, tmp_path):
         check_engine_fresh(manifest, export, "embed", "fp32")
     with pytest.raises(ManifestError, match="run fsr-build first"):
         select_engine(manifest, "decoder", "bf16")
+
+
+def test_a_changed_engine_file_is_refused(built_none, tmp_path):
+    export = tmp_path / "copy"
+    shutil.copytree(built_none, export)
+    manifest = read_manifest(export)
+    engine = export / manifest.engines["embed.fp32"].file
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    with pytest.raises(StaleEngineError, match=r"embed.fp32.engine refused: the file changed since fsr-build"):
+        check_engine_fresh(manifest, export, "embed", "fp32")
+    check_engine_fresh(manifest, export, "decoder", "fp32")
