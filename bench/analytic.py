@@ -17,63 +17,27 @@ Counts are of the dense matrix products the exported graphs execute (a multiply-
 
 from __future__ import annotations
 
-import dataclasses
+from fsr.manifest import LLMDims, VisionDims  # noqa: F401 (the dims analytic counts read)
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-@dataclasses.dataclass(frozen=True)
-class LLMDims:
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-
-    @classmethod
-    def from_config(cls, text_config) -> "LLMDims":
-        c = text_config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
-                   c.num_key_value_heads or c.num_attention_heads, head_dim, c.intermediate_size, c.vocab_size)
-
-    def layer_weights(self) -> int:
-        """Weight elements of one decoder layer (q, k, v, o, gate/up/down, two norms)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h
-
-    def decoder_weights(self) -> int:
-        """Weight elements the decoder graph reads: layers, final norm, lm_head (not the embedding table)."""
-        return self.num_layers * self.layer_weights() + self.hidden_size + self.hidden_size * self.vocab_size
+def layer_weights(d: LLMDims) -> int:
+    """Weight elements of one decoder layer (q, k, v, o, gate/up/down, two norms)."""
+    h, q, kv = d.hidden_size, d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    return h * q + 2 * h * kv + q * h + 3 * h * d.intermediate_size + 2 * h
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionDims:
-    hidden_size: int
-    intermediate_size: int
-    layers_used: int  # encoder layers up to and including the selected feature layer
-    image_size: int
-    patch_size: int
-    projector_out: int  # LLM hidden size
+def decoder_weights(d: LLMDims) -> int:
+    """Weight elements the decoder graph reads: layers, final norm, lm_head (not the embedding table)."""
+    return d.num_layers * layer_weights(d) + d.hidden_size + d.hidden_size * d.vocab_size
 
-    @classmethod
-    def from_config(cls, llava_config) -> "VisionDims":
-        v = llava_config.vision_config
-        layer = llava_config.vision_feature_layer
-        used = layer + 1 if layer >= 0 else v.num_hidden_layers + layer + 1
-        return cls(v.hidden_size, v.intermediate_size, used, v.image_size, v.patch_size,
-                   llava_config.text_config.hidden_size)
 
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def weights(self) -> int:
-        h, i, p = self.hidden_size, self.intermediate_size, self.patch_size
-        return (3 * p * p * h + self.layers_used * (4 * h * h + 2 * h * i)
-                + h * self.projector_out + self.projector_out * self.projector_out)
+def vision_weights(v: VisionDims) -> int:
+    """Weight elements of the vision tower up to its feature layer, and the projector."""
+    h, i, p = v.hidden_size, v.intermediate_size, v.patch_size
+    return (3 * p * p * h + v.layers_used * (4 * h * h + 2 * h * i)
+            + h * v.projector_out + v.projector_out * v.projector_out)
 
 
 def prefill_flops(d: LLMDims, batch: int, seq: int, past: int = 0) -> dict[str, int]:
@@ -98,7 +62,7 @@ def kv_cache_bytes(d: LLMDims, batch: int, seq: int, dtype: str) -> int:
 
 
 def prefill_bytes(d: LLMDims, batch: int, seq: int, dtype: str) -> dict[str, int]:
-    weights = d.decoder_weights() * DTYPE_BYTES[dtype]
+    weights = decoder_weights(d) * DTYPE_BYTES[dtype]
     kv = kv_cache_bytes(d, batch, seq, dtype)
     return {"weights": weights, "kv_written": kv, "total": weights + kv}
 
@@ -110,12 +74,12 @@ def decode_step_flops(d: LLMDims, batch: int, context: int) -> int:
 
 def decode_step_bytes(d: LLMDims, batch: int, context: int, dtype: str) -> int:
     """Weights read + the whole KV cache read (``context - 1`` past positions) + one position written."""
-    return d.decoder_weights() * DTYPE_BYTES[dtype] + kv_cache_bytes(d, batch, context, dtype)
+    return decoder_weights(d) * DTYPE_BYTES[dtype] + kv_cache_bytes(d, batch, context, dtype)
 
 
 def vision_flops(v: VisionDims, batch: int) -> int:
     """Patch embedding, the encoder layers used (with [CLS]), and the two-layer projector."""
-    n, h, i, p = v.num_patches, v.hidden_size, v.intermediate_size, v.patch_size
+    n, h, i, p = v.tokens_per_crop, v.hidden_size, v.intermediate_size, v.patch_size
     t = n + 1
     per_layer = 2 * t * 4 * h * h + 2 * 2 * t * t * h + 2 * t * 2 * h * i
     embed = 2 * n * 3 * p * p * h
@@ -124,7 +88,7 @@ def vision_flops(v: VisionDims, batch: int) -> int:
 
 
 def vision_bytes(v: VisionDims, dtype: str) -> int:
-    return v.weights() * DTYPE_BYTES[dtype]
+    return vision_weights(v) * DTYPE_BYTES[dtype]
 
 
 def fsr_op_flops(batch: int, num_tokens: int, token_dim: int, feature_dim: int, budget: int) -> int:

@@ -1,8 +1,8 @@
 """Measure each target at each batch size, then set the numbers against the baseline and the roofline.
 
-One *run* of a target produces the first token exactly as ``Pipeline`` does (instruction
-embedding for FSR's relevance, vision graph, prompt embedding, prefill, argmax), timing
-each step, then decodes ``new_tokens - 1`` more tokens (never stopping at EOS, so every
+One *run* of a target produces the first token with ``Pipeline``'s own steps (instruction
+embedding for the method's relevance, vision graph, prefill assembly, prefill, argmax),
+timing each step, then decodes ``new_tokens - 1`` more tokens (never stopping at EOS, so every
 run does the same work). After it, the vision tower and the op alone are timed on the
 same inputs. Warm-up runs are discarded; the repeated runs give median and spread.
 
@@ -17,15 +17,19 @@ import datetime
 import os
 import platform
 import time
+from importlib import metadata
 from typing import Callable
 
 import numpy as np
+import torch
+from PIL import Image
 
 from fsr.bench import analytic
 from fsr.bench.memory import PeakMemory
 from fsr.bench.roofline import DevicePeak
 from fsr.bench.stats import ratio, summarize
-from fsr.bench.targets import ModelInfo, Target, TargetSpec
+from fsr.bench.targets import BenchError, ModelInfo, Target, TargetSpec
+from fsr.models.spec import Request
 
 SCHEMA = "fsr-bench/1"
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -45,17 +49,15 @@ class BenchSettings:
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
-            raise ValueError(f"batch sizes must be >= 1 (got {self.batches})")
+            raise BenchError(f"batch sizes must be >= 1 (got {self.batches})")
         if self.warmup < 0 or self.repeat < 1:
-            raise ValueError("warmup must be >= 0 and repeat >= 1")
+            raise BenchError("warmup must be >= 0 and repeat >= 1")
         if self.new_tokens < 1:
-            raise ValueError("new_tokens must be >= 1")
+            raise BenchError("new_tokens must be >= 1")
 
 
-def synthetic_images(count: int, size: int = 336):
-    """Deterministic, structured test images (different per row, so saliency is not flat)."""
-    from PIL import Image
-
+def synthetic_images(count: int, size: int):
+    """Deterministic, structured ``size`` x ``size`` test images (different per row, so saliency is not flat)."""
     rng = np.random.RandomState(1234)
     y, x = np.mgrid[0:size, 0:size]
     images = []
@@ -69,22 +71,9 @@ def synthetic_images(count: int, size: int = 336):
 # ----------------------------------------------------------------------------- one run
 
 
-def _next_ids(backend, logits) -> np.ndarray:
-    """Greedy next token of each row, without copying all of the prefill's logits to the host."""
-    if not isinstance(logits, np.ndarray) and hasattr(logits, "argmax") and hasattr(logits, "cpu"):
-        return logits[:, -1].float().argmax(-1).cpu().numpy()  # torch tensor on its device
-    return backend.to_host(logits)[:, -1].astype(np.float32).argmax(-1)
-
-
-@dataclasses.dataclass
-class RunInputs:
-    pixels: np.ndarray
-    rows: list[list[int]]
-    instructions: list[str]
-
-
-def run_once(target: Target, inputs: RunInputs, new_tokens: int, parts: bool = True) -> dict[str, float]:
-    """One first token + decode, then (``parts``) the tower and the op alone. Seconds per part."""
+def run_once(target: Target, request: Request, new_tokens: int, parts: bool = True) -> dict[str, float]:
+    """One first token + decode through ``Pipeline``'s steps, then (``parts``) the tower and the op
+    alone. Seconds per part."""
     pipe, backend = target.pipeline, target.pipeline.backend
     sync = backend.synchronize
     clock = time.perf_counter
@@ -92,44 +81,36 @@ def run_once(target: Target, inputs: RunInputs, new_tokens: int, parts: bool = T
     sync()
     start = mark = clock()
 
-    instruction = pipe.instruction_embeds(inputs.instructions)
+    instruction = pipe.instruction_embeds(request.instructions)
     sync()
     t["instruction"], mark = clock() - mark, clock()
 
-    image_embeds, _ = pipe.vision(inputs.pixels, instruction)
+    features = pipe.vision(request, instruction)
     sync()
     t["vision"], mark = clock() - mark, clock()
 
-    rows = inputs.rows
-    embeds, mask, positions = pipe.prefill_inputs(rows, image_embeds)
+    inputs = pipe.assemble(request.rows, features)
     sync()
     t["embed"], mark = clock() - mark, clock()
 
-    batch = len(rows)
-    logits, pasts = pipe.decoder(embeds, mask, positions, pipe.empty_cache(batch))
-    next_ids = _next_ids(backend, logits)
+    state = pipe.prefill(inputs)
+    next_ids = pipe.next_tokens(state)
     t["prefill"] = clock() - mark
     t["ttft"] = clock() - start
 
     mark = clock()
-    last = positions[:, -1]
-    for _ in range(new_tokens - 1):
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        last = last + 1
-        logits, pasts = pipe.decoder(pipe.embed(next_ids[:, None].astype(np.int64)), mask,
-                                     last[:, None].astype(np.int64), pasts)
-        next_ids = _next_ids(backend, logits)
+    for _ in range(new_tokens - 1):  # never stops at EOS: every run does the same work
+        state = pipe.decode(state, next_ids)
+        next_ids = pipe.next_tokens(state)
     sync()
     t["decode_per_token"] = (clock() - mark) / (new_tokens - 1) if new_tokens > 1 else float("nan")
-    t["seq_len"] = embeds.shape[1]
+    t["seq_len"] = inputs.attention_mask.shape[1]
 
     # The vision graph's parts on their own, on the same inputs.
     t["vision_tower"] = t["fsr_op"] = float("nan")
     if parts and target.tower is not None:
-        feeds = {"pixel_values": backend.from_host(inputs.pixels.astype(pipe.dtype))}
-        if instruction is not None:
-            feeds["instruction_embeds"] = backend.from_host(np.asarray(instruction))
-        feeds = {k: v for k, v in feeds.items() if k in target.tower.input_names}
+        values = pipe.spec.vision_feeds(request.vision, instruction, pipe.dtype)
+        feeds = {k: backend.from_host(v) for k, v in values.items() if k in target.tower.input_names}
         sync()
         mark = clock()
         out = target.tower.infer(feeds)
@@ -142,17 +123,17 @@ def run_once(target: Target, inputs: RunInputs, new_tokens: int, parts: bool = T
             target.op.infer(op_feeds)
             sync()
             t["fsr_op"] = clock() - mark
-        elif target.method == "none":
+        elif target.unpruned:
             t["fsr_op"] = 0.0
     return t
 
 
-def prepare_inputs(target: Target, batch: int, settings: BenchSettings) -> RunInputs:
-    pixels, rows, instructions = target.pipeline.prepare(synthetic_images(batch), [settings.prompt] * batch)
-    return RunInputs(pixels, rows, instructions)
+def prepare_inputs(target: Target, batch: int, settings: BenchSettings) -> Request:
+    size = target.pipeline.manifest.vision.image_size
+    return target.pipeline.prepare(synthetic_images(batch, size), [settings.prompt] * batch)
 
 
-def measure_memory(target: Target, inputs: RunInputs, settings: BenchSettings, memory: PeakMemory) -> dict:
+def measure_memory(target: Target, inputs: Request, settings: BenchSettings, memory: PeakMemory) -> dict:
     """Peak memory of one first token + decode with only this target loaded (the tower/op runners aside)."""
     memory.reset()
     run_once(target, inputs, settings.new_tokens, parts=False)
@@ -244,7 +225,7 @@ def analyze(row: dict, info: ModelInfo, peak: DevicePeak) -> dict:
 
 def add_speedups(rows: list[dict]) -> None:
     """Ratios against the unpruned row of the same batch (measured in the same run)."""
-    baselines = {r["batch"]: r for r in rows if r["method"] == "none"}
+    baselines = {r["batch"]: r for r in rows if r["kept_tokens"] >= r["num_image_tokens"]}
     for row in rows:
         base = baselines.get(row["batch"])
         if base is None:
@@ -270,8 +251,6 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def machine_info(device: str) -> dict:
-    from importlib import metadata
-
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "device": device, "gpu": None}
     for pkg in ("fsr-export", "torch", "onnxruntime", "transformers", "numpy"):
@@ -280,8 +259,6 @@ def machine_info(device: str) -> dict:
         except metadata.PackageNotFoundError:
             pass
     if device == "cuda":
-        import torch
-
         info["gpu"] = torch.cuda.get_device_name()
     return info
 

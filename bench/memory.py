@@ -14,6 +14,8 @@ import resource
 import sys
 from pathlib import Path
 
+import torch
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -27,8 +29,6 @@ def _status_kib(field: str) -> int | None:
 
 
 def _device_used() -> int:
-    import torch
-
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     return int(total - free)
@@ -54,8 +54,6 @@ class PeakMemory:
             self._at_reset = _device_used()
             return
         if self.device == "cuda":
-            import torch
-
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._at_reset = torch.cuda.memory_allocated()
@@ -70,8 +68,6 @@ class PeakMemory:
         if self.device == "cuda-device":
             return {"bytes": _device_used(), "kind": self.kind, "at_reset_bytes": self._at_reset}
         if self.device == "cuda":
-            import torch
-
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:

@@ -150,12 +150,10 @@ def _op_model_from_export(export_dir: Path):
     import onnx
 
     from fsr.bench.split import fsr_op_model
-    from fsr.export.manifest import read_manifest
+    from fsr.manifest import read_manifest
 
-    manifest = read_manifest(export_dir)
-    if manifest["method"] != "fsr":
-        raise ValueError(f"{export_dir} is not an FSR export (method {manifest['method']!r})")
-    model = fsr_op_model(onnx.load(export_dir / manifest["graphs"]["vision"]["file"]))
+    manifest = read_manifest(export_dir)  # an export without a FocusScanRefine node: SplitError
+    model = fsr_op_model(onnx.load(manifest.resolve(export_dir, manifest.graph("vision").file)))
     return model, manifest
 
 
@@ -171,7 +169,8 @@ def bench_op(*, batch: int = 1, n: int = 576, d: int = 4096, f: int = 1024, budg
         shapes = {i.name: [dim.dim_value for dim in i.type.tensor_type.shape.dim] for i in model.graph.input}
         n, d = shapes["tokens"][1], shapes["tokens"][2]
         f = shapes["features"][2]
-        budget, fsr = manifest["budget"], {k: float(v) for k, v in manifest["fsr"].items()}
+        settings = manifest.method.settings
+        budget, fsr = settings["budget"], {k: float(settings[k]) for k in ("alpha", "beta", "rho", "kappa")}
         onnx_source = f"function body of {export_dir}/vision.onnx"
     inputs = op_inputs(batch, n, d, f)
     if model is not None and "relevance" not in {i.name for i in model.graph.input}:

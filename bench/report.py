@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 MIB = 1 << 20
@@ -25,7 +26,7 @@ def _pct(value) -> str:
 
 
 def _budget(row: dict) -> str:
-    return f"{row['kept_tokens']} (none)" if row["method"] == "none" else str(row["kept_tokens"])
+    return f"{row['kept_tokens']} (none)" if row["kept_tokens"] >= row["num_image_tokens"] else str(row["kept_tokens"])
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -130,8 +131,6 @@ def plot(doc: dict, path: Path) -> Path:
     right.set_ylabel("time to first token (ms)")
     right.set_title("time to first token")
     right.legend(fontsize=7)
-    import textwrap
-
     fig.suptitle(textwrap.fill(device_line(doc), 160), fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -13,6 +13,9 @@ import dataclasses
 import platform
 import time
 
+import numpy as np
+import torch
+
 
 @dataclasses.dataclass
 class DevicePeak:
@@ -73,8 +76,6 @@ def measure_peak(device: str = "cpu", dtype: str = "fp32", *, matmul_n: int | No
     CPU: the best of NumPy and PyTorch (each uses its own BLAS / threads). CUDA: PyTorch,
     timed with device synchronisation.
     """
-    import torch
-
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     if device == "cuda":
         n, mib = matmul_n or 8192, copy_mib or 2048
@@ -89,8 +90,6 @@ def measure_peak(device: str = "cpu", dtype: str = "fp32", *, matmul_n: int | No
         method = f"torch.matmul {n}x{n} {dtype}, tensor.copy_ {mib} MiB (best of {repeats}, synchronised)"
         flops, bandwidth = 2 * n**3 / t_mm, 2 * (mib << 20) / t_copy
     else:
-        import numpy as np
-
         n, mib = matmul_n or 2048, copy_mib or 256
         # fp16 matmul on CPU is emulated; the peak of the dtype actually computed in is what counts
         a = torch.randn(n, n, dtype=torch_dtype)

@@ -1,4 +1,5 @@
-"""Cut an exported vision graph at its FocusScanRefine node, to time the two sides apart.
+"""Cut an exported vision graph at its pruning node (FocusScanRefine, or another method's op:
+``PruningMethod.onnx_op``), to time the two sides apart.
 
 ::
 
@@ -20,17 +21,23 @@ from onnx import helper
 from fsr.errors import FsrError
 
 FSR_DOMAIN, FSR_OP = "fsr", "FocusScanRefine"
+FSR = (FSR_DOMAIN, FSR_OP)
 
 
 class SplitError(FsrError, ValueError):
-    """The graph holds no (or more than one) FocusScanRefine node."""
+    """The graph holds no (or more than one) node of the op to cut at."""
+
+
+def find_op_node(model: onnx.ModelProto, op: tuple[str, str] = FSR) -> onnx.NodeProto:
+    domain, op_type = op
+    nodes = [n for n in model.graph.node if n.domain == domain and n.op_type == op_type]
+    if len(nodes) != 1:
+        raise SplitError(f"expected one {domain}::{op_type} node in graph {model.graph.name!r}, found {len(nodes)}")
+    return nodes[0]
 
 
 def find_fsr_node(model: onnx.ModelProto) -> onnx.NodeProto:
-    nodes = [n for n in model.graph.node if n.domain == FSR_DOMAIN and n.op_type == FSR_OP]
-    if len(nodes) != 1:
-        raise SplitError(f"expected one {FSR_DOMAIN}::{FSR_OP} node in graph {model.graph.name!r}, found {len(nodes)}")
-    return nodes[0]
+    return find_op_node(model, FSR)
 
 
 def _value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
@@ -63,9 +70,9 @@ def _needed_nodes(nodes, outputs: set[str]) -> tuple[list[onnx.NodeProto], set[s
     return keep[::-1], needed
 
 
-def vision_prefix_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The vision graph up to the FSR node; its outputs are the node's inputs."""
-    node = find_fsr_node(model)
+def vision_prefix_model(model: onnx.ModelProto, op: tuple[str, str] = FSR) -> onnx.ModelProto:
+    """The vision graph up to the op's node; its outputs are the node's inputs."""
+    node = find_op_node(model, op)
     graph = model.graph
     infos = _value_infos(graph)
     outputs = [name for name in node.input if name]
@@ -80,15 +87,20 @@ def vision_prefix_model(model: onnx.ModelProto) -> onnx.ModelProto:
         initializer=[t for t in graph.initializer if t.name in needed],
         value_info=[v for v in graph.value_info if v.name in needed and v.name not in outputs],
     )
-    opsets = [o for o in model.opset_import if o.domain != FSR_DOMAIN]
-    functions = [f for f in model.functions if f.domain != FSR_DOMAIN]
+    opsets = [o for o in model.opset_import if o.domain != op[0]]
+    functions = [f for f in model.functions if f.domain != op[0]]
     return helper.make_model(new, opset_imports=opsets, functions=functions, ir_version=model.ir_version,
                              producer_name="fsr-bench")
 
 
 def fsr_op_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """The FSR node alone, with the function body of ``model``; inputs named as the node's."""
-    node = find_fsr_node(model)
+    return op_model(model, FSR)
+
+
+def op_model(model: onnx.ModelProto, op: tuple[str, str]) -> onnx.ModelProto:
+    """The op's node alone, with the function bodies of ``model``; inputs named as the node's."""
+    node = find_op_node(model, op)
     graph = model.graph
     infos = _value_infos(graph)
     names = [n for n in node.input if n] + list(node.output)
@@ -96,7 +108,7 @@ def fsr_op_model(model: onnx.ModelProto) -> onnx.ModelProto:
     if missing:
         raise SplitError(f"no type/shape recorded for {missing}")
     new = helper.make_graph(
-        [copy.deepcopy(node)], f"{graph.name}_fsr_op",
+        [copy.deepcopy(node)], f"{graph.name}_{op[1]}",
         [copy.deepcopy(infos[n]) for n in node.input if n],
         [copy.deepcopy(infos[n]) for n in node.output],
     )

@@ -18,8 +18,13 @@ import dataclasses
 import time
 
 import numpy as np
+import torch
 
+from fsr.compare.feeds import vision_feeds
 from fsr.compare.graphs import ERROR, FAIL, NEAR_TIE, PASS, SKIPPED
+from fsr.compare.near_tie import explain_kept
+from fsr.compare.teacher import prefix_embeds, prompt_rows, step_logits
+from fsr.runtime.pipeline import Pipeline
 
 
 @dataclasses.dataclass
@@ -68,10 +73,6 @@ def reference_generate(pipe, samples, max_new_tokens: int):
 
 
 def _explain(pipe, manifest, sample, ref, got, step: int, logit_tol: float, near_tie_tol: float) -> tuple[str, str]:
-    from fsr.compare.feeds import vision_feeds
-    from fsr.compare.near_tie import explain_kept
-    from fsr.compare.teacher import prefix_embeds, prompt_rows, step_logits
-
     if ref.kept_indices is not None and got.kept_indices is not None and ref.kept_indices != got.kept_indices:
         feed = vision_feeds(pipe, manifest, [sample])[0]
         verdicts = explain_kept(pipe, manifest, feed, np.asarray([ref.kept_indices]), np.asarray([got.kept_indices]),
@@ -81,9 +82,10 @@ def _explain(pipe, manifest, sample, ref, got, step: int, logit_tol: float, near
         return FAIL, "kept_indices differ: " + "; ".join(v.detail for v in verdicts)
     if step >= min(len(ref.token_ids), len(got.token_ids)):
         return FAIL, "one sequence stops (EOS) where the other goes on"
-    image, _ = pipe.image_tokens(*_pixels_and_text(pipe, sample))
+    request = pipe.prepare([sample.image], [sample.prompt])
+    [[image]] = pipe.vision(request, pipe.instruction_embeds(request.instructions)).embeddings
     [row] = prompt_rows(pipe, [sample.prompt])
-    logits = step_logits(pipe, prefix_embeds(pipe, row, image[0]), ref.token_ids[: step + 1])[step]
+    logits = step_logits(pipe, prefix_embeds(pipe, row, _torch(image)), ref.token_ids[: step + 1])[step]
     a, b = ref.token_ids[step], got.token_ids[step]
     gap = float(logits[a] - logits[b])
     if abs(gap) <= logit_tol:
@@ -92,19 +94,14 @@ def _explain(pipe, manifest, sample, ref, got, step: int, logit_tol: float, near
                   f"(tolerance {logit_tol:g})")
 
 
-def _pixels_and_text(pipe, sample):
-    from fsr.runtime.inputs import instruction_text, load_image
-
-    pixels = pipe.processor.image_processor(images=[load_image(sample.image)], return_tensors="np")["pixel_values"]
-    return pixels, [instruction_text(sample.prompt)]
+def _torch(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def compare_backend(export_dir, manifest, pipe, backend: str, samples, reference_results, *, max_new_tokens: int,
                     logit_tol: float, near_tie_tol: float) -> BackendE2E:
-    from fsr.runtime.pipeline import Pipeline
-
     start = time.perf_counter()
-    with Pipeline(export_dir, backend=backend, verify=False) as runner:  # hashes: see check_integrity
+    with Pipeline(export_dir, backend=backend, verify=False) as runner:  # verified once by compare_export
         results = runner.generate([s.image for s in samples], [s.prompt for s in samples],
                                   max_new_tokens=max_new_tokens)
     report = BackendE2E(backend, PASS)

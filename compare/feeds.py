@@ -7,7 +7,7 @@ iteration, a valid Polygraphy data loader) built from real data where it matters
 
 - ``vision``: images through the export's own image processor, and the instruction
   embedding of the prompt (CLIP text tower, or the LLM-embedding mean), batch 1 and 2;
-- ``text_encoder``: the prompts in 77-token CLIP chunks, batch = number of prompts;
+- ``text_encoder``: the prompts in CLIP-context chunks, batch = number of prompts;
 - ``embed``: the chat-formatted prompts, left padded to one batch;
 - decoder segments: random embeddings and KV caches with past length > 0, a prefill
   chunk with left padding (batch 2) and a one-token decode step (batch 1).
@@ -21,59 +21,52 @@ from collections import OrderedDict
 
 import numpy as np
 
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+from fsr.manifest import Manifest, TensorInfo
+from fsr.runtime.inputs import clip_chunks
 
 
-def _cast(value: np.ndarray, spec: dict) -> np.ndarray:
-    return np.ascontiguousarray(value.astype(np.dtype(spec["dtype"])))
+def _cast(value: np.ndarray, spec: TensorInfo) -> np.ndarray:
+    return np.ascontiguousarray(value.astype(np.dtype(spec.dtype)))
 
 
-def _inputs(manifest: dict, graph: str) -> dict[str, dict]:
-    return {i["name"]: i for i in manifest["graphs"][graph]["inputs"]}
+def _inputs(manifest: Manifest, graph: str) -> dict[str, TensorInfo]:
+    return {i.name: i for i in manifest.graph(graph).inputs}
 
 
-def vision_feeds(pipe, manifest: dict, samples) -> list[OrderedDict]:
-    from fsr.runtime.inputs import instruction_text, load_image
-
+def vision_feeds(pipe, manifest: Manifest, samples) -> list[OrderedDict]:
+    """The vision graph's feeds for the samples, batch 1 then batch 2 (the family's preprocessing)."""
     specs = _inputs(manifest, "vision")
     feeds = []
     groups = [samples[:1], samples[1:3]] if len(samples) > 1 else [samples[:1]]
     for group in groups:
-        pixels = pipe.processor.image_processor(images=[load_image(s.image) for s in group],
-                                                return_tensors="np")["pixel_values"]
-        feed = OrderedDict(pixel_values=_cast(pixels, specs["pixel_values"]))
-        if "instruction_embeds" in specs:
-            text = pipe.instruction_embeds([instruction_text(s.prompt) for s in group])
-            width = specs["instruction_embeds"]["shape"][1]
-            text = text.float().numpy() if text is not None else np.zeros((len(group), width), np.float32)
-            feed["instruction_embeds"] = _cast(text, specs["instruction_embeds"])
-        feeds.append(feed)
+        request = pipe.prepare([s.image for s in group], [s.prompt for s in group])
+        text = pipe.instruction_embeds(request.instructions)
+        values = pipe.spec.vision_feeds(request.vision, text, np.float32)
+        feeds.append(OrderedDict((name, _cast(values[name], spec)) for name, spec in specs.items()))
     return feeds
 
 
-def text_encoder_feeds(pipe, manifest: dict, samples) -> list[OrderedDict]:
-    from fsr.runtime.inputs import clip_chunks, instruction_text
-
-    width = manifest["relevance"].get("text_max_tokens") or 77
-    chunks = [clip_chunks(pipe.clip_tokenizer, instruction_text(s.prompt), width) for s in samples]
+def text_encoder_feeds(pipe, manifest: Manifest, samples) -> list[OrderedDict]:
+    width = manifest.relevance.text_max_tokens
+    chunks = [clip_chunks(pipe.clip_tokenizer, pipe.spec.instruction_text(pipe.processor, s.prompt), width)
+              for s in samples]
     specs = _inputs(manifest, "text_encoder")
     return [OrderedDict(input_ids=_cast(np.concatenate([c[0] for c in chunks]), specs["input_ids"]),
                         attention_mask=_cast(np.concatenate([c[1] for c in chunks]), specs["attention_mask"]))]
 
 
-def embed_feeds(pipe, manifest: dict, samples) -> list[OrderedDict]:
-    from fsr.runtime.inputs import format_prompt
-
-    rows = [pipe.tokenizer(format_prompt(pipe.processor, s.prompt))["input_ids"] for s in samples]
+def embed_feeds(pipe, manifest: Manifest, samples) -> list[OrderedDict]:
+    texts = [pipe.spec.format_prompt(pipe.processor, s.prompt) for s in samples]
+    rows = pipe.spec.tokenize(pipe.processor, texts, manifest.image.image_token_id)
     width = max(len(r) for r in rows)
     ids = np.asarray([[pipe.pad_id] * (width - len(r)) + r for r in rows], dtype=np.int64)
     return [OrderedDict(input_ids=_cast(ids, _inputs(manifest, "embed")["input_ids"]))]
 
 
-def decoder_feeds(pipe, manifest: dict, graph: str, seed: int = 0) -> list[OrderedDict]:
+def decoder_feeds(pipe, manifest: Manifest, graph: str, seed: int = 0) -> list[OrderedDict]:
     """Random embeddings / KV at realistic scales; past length > 0 in every iteration."""
-    specs = manifest["graphs"][graph]["inputs"]
-    llm = manifest["llm"]
+    specs = manifest.graph(graph).inputs
+    llm = manifest.llm
     rng = np.random.RandomState(seed)
     table = pipe.embedding.embed.weight.detach().float().numpy()
     scale = float(table.std()) or 1.0
@@ -88,21 +81,21 @@ def decoder_feeds(pipe, manifest: dict, graph: str, seed: int = 0) -> list[Order
         positions[mask == 0] = 1
         feed = OrderedDict()
         for spec in specs:
-            name = spec["name"]
+            name = spec.name
             if name == "attention_mask":
                 value = mask
             elif name == "position_ids":
                 value = positions[:, past:]
             elif name.startswith("past_key_values."):
-                value = rng.randn(batch, llm["num_kv_heads"], past, llm["head_dim"]).astype(np.float32)
+                value = rng.randn(batch, llm.num_kv_heads, past, llm.head_dim).astype(np.float32)
             else:  # inputs_embeds, or hidden_states of a later segment
-                value = rng.randn(batch, seq, llm["hidden_size"]).astype(np.float32) * scale
+                value = rng.randn(batch, seq, llm.hidden_size).astype(np.float32) * scale
             feed[name] = _cast(value, spec)
         feeds.append(feed)
     return feeds
 
 
-def graph_feeds(pipe, manifest: dict, graph: str, samples, seed: int = 0) -> list[OrderedDict]:
+def graph_feeds(pipe, manifest: Manifest, graph: str, samples, seed: int = 0) -> list[OrderedDict]:
     """The feed dicts for one graph of the export."""
     if graph == "vision":
         return vision_feeds(pipe, manifest, samples)
@@ -110,6 +103,6 @@ def graph_feeds(pipe, manifest: dict, graph: str, samples, seed: int = 0) -> lis
         return text_encoder_feeds(pipe, manifest, samples)
     if graph == "embed":
         return embed_feeds(pipe, manifest, samples)
-    if any(s["graph"] == graph for s in manifest["decoder_segments"]):
+    if graph in manifest.segment_graphs:
         return decoder_feeds(pipe, manifest, graph, seed)
     raise ValueError(f"no inputs known for graph {graph!r}")

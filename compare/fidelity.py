@@ -17,10 +17,12 @@ Figures per method and budget (pooled over samples):
 - ``top1_agreement``: share of steps where the pruned argmax equals the unpruned argmax;
 - ``kl_mean``: mean over steps of KL(unpruned || pruned) in nats (and ``kl_max``).
 
-Methods are those registered in ``fsr.pruning.PRUNING_METHODS`` (FSR and the training-free
-baselines ``saliency-topk``, ``uniform``, ``random``): FSR runs with the manifest's settings,
-the baselines with their defaults (``method_settings``). A budget >= N is every method's
-identity, so it must agree 100% with KL exactly 0.
+Methods are the registry's pruning methods with a readable reference
+(`fsr.pruning.methods`: FSR and the training-free baselines ``saliency-topk``,
+``uniform``, ``random``): the export's own method runs with the manifest's settings, the
+others with their defaults, each at every budget (`PruningMethod.with_budget`). The
+vision tower runs once per sample for the union of the inputs the methods read. A budget
+>= N is every method's identity, so it must agree 100% with KL exactly 0.
 """
 
 from __future__ import annotations
@@ -31,22 +33,25 @@ import time
 import numpy as np
 import torch
 
+from fsr.compare.errors import CompareError
 from fsr.compare.teacher import greedy, kl_divergence, prefix_embeds, prompt_rows, step_logits
+from fsr.manifest import Manifest
+from fsr.pruning.methods import BEFORE_PROJECTOR, PruningMethod, methods as all_methods
 
-DEFAULT_BUDGETS = (576, 192, 128, 64)
-
-
-def available_methods() -> dict[str, object]:
-    """Pruning methods in ``fsr.pruning`` (``PRUNING_METHODS``), name -> reference function
-    ``(tokens, features, saliency, relevance, *, budget, **settings) -> (pruned, kept)``."""
-    from fsr.pruning import PRUNING_METHODS
-
-    return dict(PRUNING_METHODS)
+#: budgets of the report besides the image's own token count (the identity, always included by default)
+DEFAULT_BUDGETS = (192, 128, 64)
 
 
-def method_settings(method: str, manifest: dict) -> dict:
-    """Keyword settings a method runs with here: FSR the manifest's, baselines their defaults."""
-    return fsr_settings(manifest) if method == "fsr" else {}
+def available_methods() -> dict[str, PruningMethod]:
+    """The registry's pruning methods that have a readable reference, by name."""
+    return {m.name: m for m in all_methods() if m.prunes and m.has_reference()}
+
+
+def method_settings(method: PruningMethod, manifest: Manifest):
+    """The settings a method runs with here: the export's own method the manifest's, others their defaults."""
+    if method.name == manifest.method.name:
+        return method.settings_from_json(manifest.method.settings)
+    return method.settings()
 
 
 @dataclasses.dataclass
@@ -66,63 +71,53 @@ class FidelityRow:
         return dataclasses.asdict(self)
 
 
-def fidelity_pipe(pipe, manifest: dict):
-    """A reference pipeline that can compute FSR's relevance, even for a ``--method none`` export."""
-    from fsr.runtime.reference import ReferencePipeline
-
-    if pipe.relevance is not None:
-        return pipe
-    relevance = "clip" if pipe.loaded.clip is not None else "llm-embedding-mean"
-    return ReferencePipeline(pipe.loaded, method="fsr", relevance=relevance)
-
-
-def fsr_settings(manifest: dict) -> dict:
-    from fsr.export.llava import ExportSettings
-
-    settings = manifest.get("fsr") or {}
-    defaults = ExportSettings()
-    return {k: settings.get(k, getattr(defaults, k)) for k in ("alpha", "beta", "rho", "kappa")}
-
-
 @torch.no_grad()
-def pruning_fidelity(pipe, manifest: dict, samples, budgets=DEFAULT_BUDGETS, *, methods: list[str] | None = None,
+def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods: list[str] | None = None,
                      max_new_tokens: int = 16) -> dict:
-    """The fidelity report as a JSON-able dict (``rows``: one per method and budget)."""
-    from fsr.runtime.inputs import instruction_text, load_image
+    """The fidelity report as a JSON-able dict (``rows``: one per method and budget).
 
+    ``pipe`` is the export's ``ReferencePipeline``; an export without relevance (``--method none``)
+    still gets it here (CLIP when the model has a CLIP text tower, else the LLM-embedding fallback)."""
     start = time.perf_counter()
-    pipe = fidelity_pipe(pipe, manifest)
+    if budgets is None:
+        budgets = (manifest.image.num_image_tokens, *DEFAULT_BUDGETS)
     registry = available_methods()
     methods = list(methods or registry)
     unknown = [m for m in methods if m not in registry]
-    if unknown:  # CompareError (a ValueError): fsr-compare prints it and exits 2
-        from fsr.compare.run import CompareError
-
+    if unknown:
         raise CompareError(f"unknown pruning method(s) {unknown}; fsr.pruning provides {', '.join(registry)}")
-    settings = fsr_settings(manifest)
-    per_method_settings = {m: method_settings(m, manifest) for m in methods}
+    relevance = pipe.relevance or pipe.spec.relevance_info(pipe.loaded, "auto").source
+    chosen = {m: registry[m] for m in methods}
+    settings = {m: method_settings(method, manifest) for m, method in chosen.items()}
+    needed = ("tokens",) + tuple(n for m, method in chosen.items() for n in method.inputs(settings[m], True))
+    tower = pipe.tower(tuple(dict.fromkeys(needed)), relevance)
+    projector = pipe.spec.projector(pipe.loaded)
     rows = prompt_rows(pipe, [s.prompt for s in samples])
     per = {(m, b): [] for m in methods for b in budgets}
     sequences = []
     num_tokens = None
     for sample, row in zip(samples, rows):
-        pixels = pipe.processor.image_processor(images=[load_image(sample.image)], return_tensors="pt")["pixel_values"]
-        text = pipe.instruction_embeds([instruction_text(sample.prompt)])
-        tokens, features, saliency, relevance = pipe.vision_prefix(pixels.to(pipe.dtype), text)
+        request = pipe.prepare([sample.image], [sample.prompt])
+        text = pipe.instruction_embeds(request.instructions, relevance)
+        feeds = pipe.spec.vision_feeds(request.vision, text, pipe.dtype)
+        outs = tower(*(torch.from_numpy(feeds[n]) for n in tower.input_names))
+        outs = dict(zip(tower.outputs, outs if isinstance(outs, tuple) else (outs,)))
+        tokens = outs["tokens"]
         num_tokens = tokens.shape[1]
         unpruned_prefix = prefix_embeds(pipe, row, tokens[0])
         sequence = greedy(pipe, unpruned_prefix, max_new_tokens)
         sequences.append({**sample.to_json(), "token_ids": sequence})
         reference = step_logits(pipe, unpruned_prefix, sequence)
         ref_top1 = reference.argmax(-1)
-        for method in methods:
+        for name, method in chosen.items():
             for budget in budgets:
-                pruned, _ = registry[method](tokens, features, saliency, relevance, budget=budget,
-                                               **per_method_settings[method])
+                pruned, _ = method.reference(method.with_budget(settings[name], budget))(outs)
+                if method.placement == BEFORE_PROJECTOR:
+                    pruned = projector(pruned)
                 logits = step_logits(pipe, prefix_embeds(pipe, row, pruned[0]), sequence)
                 top1 = logits.argmax(-1)
                 kl = kl_divergence(reference, logits)
-                per[(method, budget)].append({
+                per[(name, budget)].append({
                     "sample": sample.label, "steps": len(sequence), "kept_tokens": int(pruned.shape[1]),
                     "first_token_agrees": bool(top1[0] == ref_top1[0]),
                     "top1_agreement": float((top1 == ref_top1).mean()),
@@ -142,9 +137,8 @@ def pruning_fidelity(pipe, manifest: dict, samples, budgets=DEFAULT_BUDGETS, *, 
         "computed_in": "PyTorch, on the export's source/ model (no re-export per budget)",
         "teacher_forced_on": "the unpruned model's greedy output",
         "num_image_tokens": num_tokens,
-        "fsr_settings": settings,
-        "method_settings": per_method_settings,
-        "relevance": pipe.relevance,
+        "method_settings": {m: {k: v for k, v in s.to_json().items() if k != "budget"} for m, s in settings.items()},
+        "relevance": relevance,
         "max_new_tokens": max_new_tokens,
         "budgets": list(budgets),
         "methods": methods,

@@ -2,7 +2,7 @@
 
 For each graph of an export::
 
-    runners = [TorchRunner(reference, manifest, graph), OnnxrtRunner(SessionFromOnnx(graph.onnx))]
+    runners = [ReferenceRunner(reference, manifest, graph), OnnxrtRunner(SessionFromOnnx(graph.onnx))]
     results = Comparator.run(runners, data_loader=feeds)
     accuracy = Comparator.compare_accuracy(results, comparisons=[(1, 0)],
                                            compare_func=SimpleCompareFunc(atol={...}, rtol={...}))
@@ -25,8 +25,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+from polygraphy.json import save_json
 
+from fsr.compare.near_tie import explain_kept
+from fsr.compare.reference_runner import ReferenceRunner
 from fsr.compare.tolerances import Tolerance, ToleranceTable
+from fsr.compare.trt import EngineRunner, engine_command_flags, engine_entry
+from fsr.manifest import Manifest
 
 PASS, FAIL, NEAR_TIE, SKIPPED, ERROR = "pass", "fail", "near-tie", "skipped", "error"
 BACKEND_LABELS = {"ort": "onnxrt", "trt": "tensorrt"}
@@ -99,36 +106,27 @@ def polygraphy_command(model_path: Path, backend: str, inputs: Path, reference_o
     return (f"{env} " if env else "") + " ".join(shlex.quote(p) for p in parts)
 
 
-def backend_runner(backend: str, export_dir: Path, manifest: dict, graph: str):
+def backend_runner(backend: str, export_dir: Path, manifest: Manifest, graph: str):
     """The Polygraphy runner of ``graph`` on ``backend``, and (model path, flags, env) for its command."""
     if backend == "ort":
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
-        path = (Path(export_dir) / manifest["graphs"][graph]["file"]).resolve()
+        path = manifest.resolve(export_dir, manifest.graph(graph).file).resolve()
         return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=BACKEND_LABELS[backend]), \
             (path, ["--onnxrt"], "")
     if backend == "trt":
-        from fsr.compare.trt import EngineRunner, engine_command_flags, engine_entry
-
         env, flags, path = engine_command_flags(export_dir, engine_entry(export_dir, manifest, graph))
         return EngineRunner(export_dir, manifest, graph, name=BACKEND_LABELS[backend]), (Path(path), flags, env)
     raise ValueError(f"unknown backend {backend!r} (graph comparisons know ort, trt)")
 
 
-def compare_graph(export_dir: Path, manifest: dict, reference, graph: str, backend: str, feeds: list[dict],
+def compare_graph(export_dir: Path, manifest: Manifest, reference, graph: str, backend: str, feeds: list[dict],
                   table: ToleranceTable, out_dir: Path, *, near_tie_tol: float) -> GraphResult:
     """Run the reference and ``backend`` on ``feeds`` through Polygraphy and judge every output."""
-    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
-    from polygraphy.json import save_json
-
-    from fsr.compare.torch_runner import TorchRunner
-
     start = time.perf_counter()
-    output_names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
+    output_names = manifest.graph(graph).output_names
     tolerances = table.for_outputs(output_names)
     label = BACKEND_LABELS[backend]
     runner, (model_path, flags, env) = backend_runner(backend, export_dir, manifest, graph)
-    runners = [TorchRunner(reference, manifest, graph, name=REFERENCE_NAME), runner]
+    runners = [ReferenceRunner(reference, manifest, graph, name=REFERENCE_NAME), runner]
     results = Comparator.run(runners, data_loader=feeds)
 
     folder = Path(out_dir) / graph
@@ -181,8 +179,8 @@ def compare_graph(export_dir: Path, manifest: dict, reference, graph: str, backe
     if result.status == FAIL:
         result.reason = f"outside tolerance: {', '.join(result.failed_outputs)}"
     elif result.status == NEAR_TIE:
-        result.reason = "kept_indices differ only at near-ties of the FSR scores; the command above reports " \
-                        "them as a mismatch"
+        result.reason = "kept_indices differ only at near-ties of the method's scores; the command above " \
+                        "reports them as a mismatch"
     result.seconds = time.perf_counter() - start
     return result
 
@@ -190,8 +188,6 @@ def compare_graph(export_dir: Path, manifest: dict, reference, graph: str, backe
 def _judge_kept(result: GraphResult, reference, manifest, feed, ref_kept, got_kept, iteration: int,
                 tol: float) -> set[int]:
     """Explain differing kept_indices rows; record the verdict. Returns the rows excused as near-ties."""
-    from fsr.compare.near_tie import explain_kept
-
     pipe = reference() if callable(reference) else reference
     same_shape = np.shape(ref_kept) == np.shape(got_kept)
     verdicts = explain_kept(pipe, manifest, feed, ref_kept, got_kept, tol) if same_shape else []

@@ -6,7 +6,7 @@ two candidates score almost the same, and from that step on their choices diverg
 legitimately. So a differing kept set is explained, not just counted:
 
 Replay the reference's own decisions from its intermediate values (φ and the Scan
-distances, recomputed with the reference's numerics from ``VisionPrefix``'s outputs),
+distances, recomputed with the reference's numerics from the vision tower's outputs),
 step by step: Focus takes tokens in φ order, Scan takes the argmax of the running
 min-distance. At the first step where the reference picks a token the other back end
 did not keep, look at the best token the other back end *did* keep among the
@@ -20,7 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
+
+from fsr.manifest import Manifest
+from fsr.pruning import cosine_matrix, fsr_scores
+from fsr.pruning._numerics import cumsum_f32, focus_count
+from fsr.pruning.methods import get_method
 
 
 @dataclasses.dataclass
@@ -40,8 +46,6 @@ class TieVerdict:
 
 def _focus_count_margin(phi_sorted: torch.Tensor, rho: float, focus_count: int) -> float:
     """How far (relative to Σφ) the prefix sums around K_F are from the ``rho · Σφ`` threshold."""
-    from fsr.pruning._numerics import cumsum_f32
-
     prefix = cumsum_f32(phi_sorted)
     total = float(prefix[-1])
     if total <= 0:
@@ -57,8 +61,6 @@ def explain_row(phi: torch.Tensor, features: torch.Tensor, reference_kept: list[
 
     ``phi`` [N] float32 and ``features`` [N, F] are the reference's values for that row.
     """
-    from fsr.pruning._numerics import cosine_matrix, focus_count
-
     ref, other = set(reference_kept), set(other_kept)
     if ref == other:
         return TieVerdict(row, True, "equal", detail="same kept set")
@@ -114,23 +116,36 @@ def explain_row(phi: torch.Tensor, features: torch.Tensor, reference_kept: list[
     return TieVerdict(row, True, "equal", detail="same kept set")
 
 
-def explain_kept(reference_model, manifest: dict, feed: dict, reference_kept, other_kept,
+def explain_kept(reference_model, manifest: Manifest, feed: dict, reference_kept, other_kept,
                  tol: float) -> list[TieVerdict]:
-    """Verdicts for every batch row where the kept indices differ (reference intermediates
-    are recomputed from ``feed`` with the reference's ``VisionPrefix``)."""
-    import numpy as np
-
-    from fsr.pruning import fsr_scores
-
+    """Verdicts for every batch row where the kept indices differ. The export's method says how
+    its decisions are replayed (``near_tie_analysis``); a method without one gets mismatches."""
     rows = [b for b in range(len(reference_kept)) if not np.array_equal(reference_kept[b], other_kept[b])]
     if not rows:
         return []
-    pipe = reference_model
-    fsr = manifest.get("fsr") or {}
+    method = get_method(manifest.method.name)
+    analysis = ANALYSES.get(method.near_tie_analysis)
+    if analysis is None:
+        return [TieVerdict(b, False, "size", detail=f"method {method.name!r} has no near-tie analysis; a differing "
+                                                    "kept set counts as a mismatch") for b in rows]
+    return analysis(reference_model, manifest, feed, reference_kept, other_kept, tol, rows)
+
+
+def _focus_scan_refine(pipe, manifest: Manifest, feed: dict, reference_kept, other_kept, tol: float,
+                       rows: list[int]) -> list[TieVerdict]:
+    """FSR: φ and the features recomputed from ``feed`` with the reference's vision tower."""
+    settings = get_method(manifest.method.name).settings_from_json(manifest.method.settings)
+    relevance = manifest.relevance.source
+    names = ("features", "saliency") + (("relevance",) if relevance else ())
+    tower = pipe.tower(names, relevance)
     with torch.no_grad():
-        pixels = torch.from_numpy(np.ascontiguousarray(feed["pixel_values"])).float()
-        text = torch.from_numpy(np.ascontiguousarray(feed["instruction_embeds"])).float()
-        _, features, saliency, relevance = pipe.vision_prefix(pixels, text)
-        phi = fsr_scores(saliency, relevance if pipe.relevance else None, fsr.get("alpha", 3.0), fsr.get("beta", 1.0))
-    return [explain_row(phi[b], features[b], [int(x) for x in reference_kept[b]], [int(x) for x in other_kept[b]],
-                        budget=manifest["budget"], rho=fsr.get("rho", 0.9), tol=tol, row=b) for b in rows]
+        args = [torch.from_numpy(np.ascontiguousarray(feed[n])).float() for n in tower.input_names]
+        outs = dict(zip(tower.outputs, tower(*args)))
+        phi = fsr_scores(outs["saliency"], outs.get("relevance"), settings.alpha, settings.beta)
+    return [explain_row(phi[b], outs["features"][b], [int(x) for x in reference_kept[b]],
+                        [int(x) for x in other_kept[b]], budget=settings.budget, rho=settings.rho, tol=tol, row=b)
+            for b in rows]
+
+
+#: ``PruningMethod.near_tie_analysis`` -> how a differing kept set of that method is explained.
+ANALYSES = {"focus-scan-refine": _focus_scan_refine}

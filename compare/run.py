@@ -10,11 +10,15 @@ Three parts, each optional:
 2. end to end (``end_to_end.compare_backend``): greedy generation per back end;
 3. pruning fidelity (``fidelity.pruning_fidelity``): agreement and KL per method and budget.
 
-``passed`` is False when any graph output is outside its tolerance (near-ties of FSR's
-``kept_indices`` excepted), when a comparison could not run on a back end that is
+``passed`` is False when any graph output is outside its tolerance (near-ties of the
+method's ``kept_indices`` excepted), when a comparison could not run on a back end that is
 available, when a generated sequence differs from the reference other than at a
 near-tie, or when the identity budget (>= N image tokens) does not reproduce the
 unpruned model exactly. Skipped comparisons (TensorRT without a GPU) do not fail.
+
+The export is verified first, as ``fsr-run`` does (every hash in the manifest): an altered
+file stops the comparison with the integrity message. ``verify=False`` compares an export
+whose graphs were changed on purpose; the changed files are then listed as warnings.
 """
 
 from __future__ import annotations
@@ -25,26 +29,31 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fsr.errors import FsrError
+from polygraphy.logger import G_LOGGER
+
 from fsr.compare import end_to_end, graphs
-from fsr.compare.fidelity import DEFAULT_BUDGETS, pruning_fidelity
+from fsr.compare.errors import CompareError
+from fsr.compare.feeds import graph_feeds
+from fsr.compare.fidelity import pruning_fidelity
 from fsr.compare.graphs import ERROR, FAIL
+from fsr.compare.reference_runner import ReferenceFromExport
+from fsr.compare.samples import make_samples
 from fsr.compare.tolerances import (
     LOGIT_NEAR_TIE_DEFAULTS, NEAR_TIE_DEFAULTS, Tolerance, ToleranceTable,
 )
+from fsr.compare.trt import unavailable_reason
+from fsr.engines.records import select_engine
+from fsr.manifest import Manifest, ManifestError, read_manifest, sha256
+from fsr.pruning.methods import get_method
 
 BACKENDS = ("torch", "ort", "trt")
-
-
-class CompareError(FsrError, ValueError):
-    """Bad options or an unusable export; the message says what to do."""
 
 
 @dataclasses.dataclass
 class CompareOptions:
     backends: tuple[str, ...] = BACKENDS  # "torch" is the reference and always runs
     graphs: tuple[str, ...] | None = None  # None: every graph of the export
-    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    budgets: tuple[int, ...] | None = None  # None: the image's token count (the identity), then DEFAULT_BUDGETS
     methods: tuple[str, ...] | None = None  # pruning methods for fidelity; None: all available
     tolerances: dict[str, Tolerance] = dataclasses.field(default_factory=dict)  # pattern -> overrides
     out_dir: Path | None = None  # Polygraphy JSON files; None: ./fsr-compare/<export name>
@@ -59,36 +68,36 @@ class CompareOptions:
     logit_tol: float | None = None  # None: per precision (tolerances.LOGIT_NEAR_TIE_DEFAULTS)
     seed: int = 0
     verbose: bool = False
+    verify: bool = True  # check every hash first (False: changed files become warnings)
 
 
 def _noop(message: str) -> None:
     pass
 
 
-def check_integrity(export_dir: Path, manifest: dict) -> list[str]:
-    """Files whose hash differs from the manifest (a warning: numbers decide pass/fail)."""
-    from fsr.export.manifest import sha256
-
+def check_integrity(export_dir: Path, manifest: Manifest) -> list[str]:
+    """Files whose hash differs from the manifest (warnings, with ``verify=False``)."""
     changed = []
-    for name, entry in manifest["graphs"].items():
-        for rel, digest in entry["files"].items():
-            path = export_dir / rel
-            if not path.is_file():
-                changed.append(f"{name}: {rel} is missing")
-            elif sha256(path) != digest:
-                changed.append(f"{name}: {rel} changed since export (hash differs from manifest.json)")
+    records = [(name, f) for name, entry in manifest.graphs.items() for f in entry.files]
+    records += [("source", f) for f in manifest.source.files]
+    for name, record in records:
+        path = manifest.resolve(export_dir, record.path)
+        if not path.is_file():
+            changed.append(f"{name}: {record.path} is missing")
+        elif sha256(path) != record.sha256:
+            changed.append(f"{name}: {record.path} changed since export (hash differs from manifest.json)")
     return changed
 
 
-def _validate(options: CompareOptions, manifest: dict) -> None:
+def _validate(options: CompareOptions, manifest: Manifest) -> None:
     unknown = [b for b in options.backends if b not in BACKENDS]
     if unknown:
         raise CompareError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     if options.graphs:
-        missing = [g for g in options.graphs if g not in manifest["graphs"]]
+        missing = [g for g in options.graphs if g not in manifest.graphs]
         if missing:
-            raise CompareError(f"the export has no graph(s) {missing}; it has {', '.join(manifest['graphs'])}")
-    if any(b < 1 for b in options.budgets):
+            raise CompareError(f"the export has no graph(s) {missing}; it has {', '.join(manifest.graphs)}")
+    if options.budgets is not None and any(b < 1 for b in options.budgets):
         raise CompareError(f"budgets must be >= 1 (got {list(options.budgets)})")
     if options.max_new_tokens < 1:
         raise CompareError("--max-new-tokens must be >= 1")
@@ -96,8 +105,6 @@ def _validate(options: CompareOptions, manifest: dict) -> None:
 
 @contextlib.contextmanager
 def _polygraphy_quiet(verbose: bool):
-    from polygraphy.logger import G_LOGGER
-
     if verbose:
         yield
         return
@@ -108,17 +115,15 @@ def _polygraphy_quiet(verbose: bool):
 def compare_export(export_dir, options: CompareOptions | None = None,
                    progress: Callable[[str], None] = _noop) -> dict:
     """Run the comparisons ``options`` asks for; return the report (see the module docstring)."""
-    from fsr.compare.samples import make_samples
-    from fsr.compare.torch_runner import ReferenceFromExport
-    from fsr.compare.trt import unavailable_reason
-    from fsr.export.manifest import read_manifest
-
     options = options or CompareOptions()
     start = time.perf_counter()
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     _validate(options, manifest)
-    dtype = manifest["dtype"]
+    if options.verify:
+        progress("checking file hashes")
+        manifest.verify(export_dir)
+    dtype = manifest.dtype
     table = ToleranceTable(dtype, options.tolerances)
     near_tie_tol = options.near_tie_tol if options.near_tie_tol is not None else NEAR_TIE_DEFAULTS[dtype]
     logit_tol = options.logit_tol if options.logit_tol is not None else LOGIT_NEAR_TIE_DEFAULTS[dtype]
@@ -127,17 +132,14 @@ def compare_export(export_dir, options: CompareOptions | None = None,
     backends = [b for b in options.backends if b != "torch"]
     trt_reason = unavailable_reason(manifest) if "trt" in backends else None
 
-    progress("checking file hashes")
-    integrity = check_integrity(export_dir, manifest)
+    integrity = [] if options.verify else check_integrity(export_dir, manifest)
     progress("loading the PyTorch reference (source/ model)")
-    reference = ReferenceFromExport(export_dir)
+    reference = ReferenceFromExport(export_dir, manifest)
     pipe = reference()
 
     graph_results: list[graphs.GraphResult] = []
     if options.graph_checks:
-        from fsr.compare.feeds import graph_feeds
-
-        for graph in options.graphs or list(manifest["graphs"]):
+        for graph in options.graphs or list(manifest.graphs):
             feeds = graph_feeds(pipe, manifest, graph, samples, seed=options.seed)
             for backend in backends:
                 if backend == "trt" and trt_reason:
@@ -178,21 +180,26 @@ def compare_export(export_dir, options: CompareOptions | None = None,
 
     fidelity = None
     if options.fidelity:
-        progress(f"pruning fidelity: budgets {', '.join(map(str, options.budgets))} (PyTorch)")
+        progress("pruning fidelity (PyTorch)")
         fidelity = pruning_fidelity(pipe, manifest, samples, options.budgets,
                                     methods=list(options.methods) if options.methods else None,
                                     max_new_tokens=options.max_new_tokens)
 
     failures = _failures(graph_results, e2e, fidelity)
+    method = get_method(manifest.method.name)
     return {
         "export": str(export_dir.resolve()),
-        "method": manifest["method"], "budget": manifest["budget"], "dtype": dtype,
-        "relevance": (manifest.get("relevance") or {}).get("source"),
-        "reference": "PyTorch (fsr.models.llava modules + fsr.pruning reference) on the export's source/ model, "
-                     "float32",
+        "family": manifest.family,
+        "method": method.name, "budget": method.budget(method.settings_from_json(manifest.method.settings)),
+        "method_settings": manifest.method.settings, "dtype": dtype,
+        "relevance": manifest.relevance.source,
+        "random_weights": manifest.model.random_weights,
+        "reference": f"PyTorch (the {manifest.family} spec's modules + the method's readable reference) on the "
+                     "export's source/ model, float32",
         "backends": backends,
+        "verified": options.verify,
         "tolerances": {"defaults": {k: v.to_json() for k, v in table.for_outputs(
-            sorted({o["name"] for g in manifest["graphs"].values() for o in g["outputs"]})).items()},
+            sorted({o.name for g in manifest.graphs.values() for o in g.outputs})).items()},
             "near_tie_tol": near_tie_tol, "logit_near_tie_tol": logit_tol},
         "samples": [s.to_json() for s in samples],
         "integrity_warnings": integrity,
@@ -208,12 +215,9 @@ def compare_export(export_dir, options: CompareOptions | None = None,
     }
 
 
-def _engine_precision(manifest: dict, graph: str) -> str | None:
-    from fsr.engines.records import select_engine
-    from fsr.export.manifest import ManifestError
-
+def _engine_precision(manifest: Manifest, graph: str) -> str | None:
     try:
-        return select_engine(manifest, graph)[1]["precision"]
+        return select_engine(manifest, graph)[1].precision
     except ManifestError:
         return None
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from PIL import Image
 
 from fsr.errors import FsrError
 
 BUILTIN_PROMPTS = ("What is in this picture?", "Describe the image in detail.", "How many shapes are there?")
-BUILTIN_SIZES = ((240, 320), (336, 336), (480, 288))
+BUILTIN_SIZES = ((240, 320), (360, 360), (480, 288))
 
 
 class SampleError(FsrError, ValueError):
@@ -33,8 +34,6 @@ class Sample:
 
 def builtin_image(index: int):
     """A deterministic RGB test image (PIL)."""
-    from PIL import Image
-
     h, w = BUILTIN_SIZES[index % len(BUILTIN_SIZES)]
     rng = np.random.RandomState(100 + index)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)

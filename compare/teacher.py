@@ -13,30 +13,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fsr.models.spec import ImageFeatures
+from fsr.runtime.reference import cut_after_eos
 
-@torch.no_grad()
+
 def prompt_rows(pipe, prompts: list[str]) -> list[list[int]]:
     """Token ids of the chat-formatted prompts (one image token each)."""
-    from fsr.runtime.inputs import format_prompt, tokenize_prompts
-
-    texts = [format_prompt(pipe.processor, p) for p in prompts]
-    return tokenize_prompts(pipe.tokenizer, texts, pipe.llava.config.image_token_id)
+    texts = [pipe.spec.format_prompt(pipe.processor, p) for p in prompts]
+    return pipe.spec.tokenize(pipe.processor, texts, pipe.manifest.image.image_token_id)
 
 
 @torch.no_grad()
 def prefix_embeds(pipe, row: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
-    """[1, L, H]: the prompt's embeddings with its image token replaced by ``image_embeds`` [K, H]."""
-    text = pipe.embedding(torch.tensor([row]))[0]
-    at = row.index(pipe.llava.config.image_token_id)
-    return torch.cat([text[:at], image_embeds.to(text.dtype), text[at + 1:]])[None]
+    """[1, L, H]: the prompt's embeddings with its image token replaced by ``image_embeds`` [K, H]
+    (the pipelines' own prefill assembly, batch 1)."""
+    inputs = pipe.assemble([row], ImageFeatures([[image_embeds.detach().cpu().numpy()]]))
+    return torch.from_numpy(inputs.inputs_embeds)
 
 
 @torch.no_grad()
 def greedy(pipe, prefix: torch.Tensor, max_new_tokens: int) -> list[int]:
     """Greedy continuation of one prefix with Hugging Face ``generate`` (cut after EOS)."""
-    from fsr.runtime.reference import cut_after_eos
-
-    out = pipe.llava.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+    out = pipe.model.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pipe.pad_id,
                               eos_token_id=sorted(pipe.eos))
     return cut_after_eos(out[0].tolist(), pipe.eos)
@@ -46,10 +44,10 @@ def greedy(pipe, prefix: torch.Tensor, max_new_tokens: int) -> list[int]:
 def step_logits(pipe, prefix: torch.Tensor, continuation: list[int]) -> np.ndarray:
     """[T, V] float64 logits of generation steps ``0..T-1`` (T = len(continuation))."""
     if not continuation:
-        return np.zeros((0, pipe.llava.config.text_config.vocab_size))
+        return np.zeros((0, pipe.manifest.llm.vocab_size))
     fed = continuation[:-1]
     embeds = prefix if not fed else torch.cat([prefix, pipe.embedding(torch.tensor([fed]))], dim=1)
-    logits = pipe.llava(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits
+    logits = pipe.model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits
     start = prefix.shape[1] - 1
     return logits[0, start:start + len(continuation)].double().numpy()
 

@@ -16,56 +16,51 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
+import torch
 from polygraphy.backend.base import BaseRunner
 
-from fsr.compare.torch_runner import manifest_input_metadata
+from fsr.compare.reference_runner import manifest_input_metadata
+from fsr.engines.plugin_graph import PluginError, find_plugin_library
+from fsr.engines.records import check_engine_fresh
+from fsr.engines.trt_import import TensorRTMissing, import_tensorrt
+from fsr.manifest import EngineEntry, Manifest
+from fsr.runtime.trt import TensorRTBackend
 
 
-def unavailable_reason(manifest: dict | None = None) -> str | None:
+def unavailable_reason(manifest: Manifest | None = None) -> str | None:
     """None when the export's engines can be compared here, else every reason they cannot."""
     reasons = []
-    if manifest is not None and not manifest.get("engines"):
+    if manifest is not None and not manifest.engines:
         reasons.append("the export has no TensorRT engines (build them with fsr-build)")
     try:
-        from fsr.engines.trt_import import import_tensorrt
-
         import_tensorrt()
-    except ImportError as exc:  # TensorRTMissing is an ImportError
+    except TensorRTMissing as exc:
         reasons.append(f"TensorRT is not importable ({exc})")
-    try:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    except ImportError:
-        gpu = False
-    if not gpu:
+    if not torch.cuda.is_available():
         reasons.append("there is no CUDA GPU here (torch.cuda.is_available() is False); TensorRT engines run "
                        "only on a GPU")
     return "; ".join(reasons) or None
 
 
-def engine_entry(export_dir, manifest: dict, graph: str) -> dict:
+def engine_entry(export_dir, manifest: Manifest, graph: str) -> EngineEntry:
     """The engine the TensorRT pipeline would run for ``graph`` (fresh, or an error)."""
-    from fsr.engines.records import check_engine_fresh
-
     return check_engine_fresh(manifest, export_dir, graph)
 
 
 class EngineRunner(BaseRunner):
     """One of the export's TensorRT engines, run by ``fsr.runtime.trt``, as a Polygraphy runner."""
 
-    def __init__(self, export_dir, manifest: dict, graph: str, name: str = "tensorrt"):
+    def __init__(self, export_dir, manifest: Manifest, graph: str, name: str = "tensorrt"):
         super().__init__(name=name, prefix="fsr-trt-runner")
         self.export_dir, self.manifest, self.graph = export_dir, manifest, graph
-        entry = manifest["graphs"][graph]
+        entry = manifest.graph(graph)
         self._input_metadata = manifest_input_metadata(entry)
-        self._outputs = [(o["name"], np.dtype(o["dtype"])) for o in entry["outputs"]]
+        self._outputs = [(o.name, np.dtype(o.dtype)) for o in entry.outputs]
 
     def activate_impl(self):
-        from fsr.runtime.trt import TensorRTBackend
-
         self._backend = TensorRTBackend(self.export_dir, self.manifest)
         self._runner = self._backend.runner(self.graph).activate()
 
@@ -84,17 +79,13 @@ class EngineRunner(BaseRunner):
         del self._runner, self._backend
 
 
-def engine_command_flags(export_dir, entry: dict) -> tuple[str, list[str], str]:
+def engine_command_flags(export_dir, entry: EngineEntry) -> tuple[str, list[str], str]:
     """(environment prefix, ``polygraphy run`` flags, model path) to run the engine by hand."""
-    from pathlib import Path
-
     flags = ["--model-type", "engine", "--trt"]
-    if entry.get("plugin"):
+    if entry.plugin:
         try:
-            from fsr.engines.plugin_graph import find_plugin_library
-
             flags += ["--plugins", str(find_plugin_library())]
-        except Exception:  # the command is still printed; polygraphy will say what is missing
+        except PluginError:  # the command is still printed; polygraphy will say what is missing
             flags += ["--plugins", "libfsr_plugin.so"]
-    env = "POLYGRAPHY_USE_TENSORRT_RTX=1" if entry.get("tensorrt", {}).get("flavour") == "tensorrt_rtx" else ""
-    return env, flags, str((Path(export_dir) / entry["file"]).resolve())
+    env = "POLYGRAPHY_USE_TENSORRT_RTX=1" if entry.tensorrt.get("flavour") == "tensorrt_rtx" else ""
+    return env, flags, str((Path(export_dir) / entry.file).resolve())

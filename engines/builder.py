@@ -24,11 +24,13 @@ from fsr.engines.plugin_graph import (
     PluginError, find_plugin_library, plugin_unsupported_message, write_plugin_graph,
 )
 from fsr.engines.profiles import graph_profiles, check_limits
-from fsr.engines.records import (
-    ENGINES_DIR, PRECISIONS, engine_id, engine_path, hash_files, update_manifest, write_atomic,
-)
+from fsr.engines.records import ENGINES_DIR, PRECISIONS, engine_id, engine_path, hash_files, write_atomic
 from fsr.engines.trt_import import TensorRT, import_tensorrt
-from fsr.export.manifest import ManifestError, read_manifest, sha256
+from fsr.manifest import (
+    EngineEntry, EngineSource, Manifest, ManifestError, read_manifest, sha256, update_manifest,
+)
+from fsr.pruning.methods import get_method
+from fsr.settings import SettingsError
 
 REPORT = "build_report.json"
 TIMING_CACHE = "timing.cache"
@@ -47,7 +49,7 @@ class BuildSettings:
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+            raise SettingsError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         check_limits(self.max_batch, self.max_seq)
 
 
@@ -104,21 +106,22 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
     started = time.perf_counter()
     manifest = read_manifest(export_dir, verify=True)
     trt = trt or import_tensorrt()
-    graphs = list(settings.graphs or manifest["graphs"])
-    unknown = [g for g in graphs if g not in manifest["graphs"]]
+    graphs = list(settings.graphs or manifest.graphs)
+    unknown = [g for g in graphs if g not in manifest.graphs]
     if unknown:
-        raise ManifestError(f"the export has no graph(s) {unknown} (it has {', '.join(manifest['graphs'])})")
+        raise ManifestError(f"the export has no graph(s) {unknown} (it has {', '.join(manifest.graphs)})")
     warnings = _limit_warnings(manifest, settings)
+    method = get_method(manifest.method.name)
 
     libraries: tuple[Path, ...] = ()
     if settings.plugin:
         if not trt.has_plugin_support:
             raise PluginError(plugin_unsupported_message(trt))
-        if manifest.get("method") != "fsr":
-            raise PluginError(f"--plugin needs an export with FocusScanRefine (this one has method "
-                              f"{manifest.get('method')!r}); build without --plugin")
+        if not method.tensorrt_plugin:
+            raise PluginError(f"--plugin needs an export whose pruning op has a TensorRT plugin (this one has "
+                              f"method {method.name!r}); build without --plugin")
         libraries = (find_plugin_library(settings.plugin_library),)
-    plugin_graph = write_plugin_graph(export_dir, manifest) if manifest.get("method") == "fsr" else None
+    plugin_graph = write_plugin_graph(export_dir, manifest) if method.tensorrt_plugin else None
     if settings.plugin and plugin_graph is None:
         raise PluginError("the export's vision graph holds no FocusScanRefine node; build without --plugin")
 
@@ -134,14 +137,14 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
     reports = []
     for graph in graphs:
         use_plugin = settings.plugin and graph == "vision"
-        source_rel = plugin_graph["file"] if use_plugin else manifest["graphs"][graph]["file"]
-        source_files = dict(plugin_graph["files"], **plugin_graph["source_files"]) if use_plugin \
-            else dict(manifest["graphs"][graph]["files"])
+        source_rel = plugin_graph.file if use_plugin else manifest.graphs[graph].file
+        source_files = dict(plugin_graph.files, **plugin_graph.source_files) if use_plugin \
+            else manifest.graphs[graph].hashes()
         name = engine_id(graph, settings.precision, use_plugin)
         progress.engine_started(name)
         profiles = graph_profiles(manifest, graph, settings.max_batch, settings.max_seq)
         build = EngineBytesFromOnnx(
-            export_dir / source_rel, profiles, settings.precision, trt=trt,
+            manifest.resolve(export_dir, source_rel), profiles, settings.precision, trt=trt,
             timing_cache=cache if trt.has_timing_cache else None,
             plugin_libraries=libraries if use_plugin else (), progress=progress.step, work_dir=engines_dir,
             verbose=settings.verbose)
@@ -154,35 +157,32 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
         path = engine_path(export_dir, graph, settings.precision, use_plugin)
         write_atomic(path, data)
         rel = path.relative_to(export_dir).as_posix()
-        entry = {
-            "graph": graph, "precision": settings.precision, "plugin": use_plugin, "file": rel,
-            "size_bytes": len(data), "sha256": sha256(path),
-            "source": {"file": source_rel, "files": source_files},
-            "profiles": [p.to_json() for p in profiles],
-            "tensorrt": {"flavour": trt.flavour, "version": trt.version},
-            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(seconds, 3),
-            "low_precision_nodes": build.stats.low_precision_nodes,
-            "max_batch": settings.max_batch, "max_seq": settings.max_seq,
-        }
+        entry = EngineEntry(
+            graph=graph, precision=settings.precision, plugin=use_plugin, file=rel, size_bytes=len(data),
+            sha256=sha256(path), source=EngineSource(source_rel, source_files),
+            profiles=[p.to_json() for p in profiles],
+            tensorrt={"flavour": trt.flavour, "version": trt.version},
+            built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=round(seconds, 3), low_precision_nodes=build.stats.low_precision_nodes,
+            max_batch=settings.max_batch, max_seq=settings.max_seq)
         if hash_files(export_dir, source_files) != source_files:
             raise ManifestError(f"{source_rel} changed while its engine was being built; run fsr-build again")
-        manifest = update_manifest(export_dir, lambda m: m.setdefault("engines", {}).__setitem__(name, entry))
+        manifest = update_manifest(export_dir, lambda m: m.engines.__setitem__(name, entry))
         report = EngineReport(name, graph, settings.precision, use_plugin, rel, len(data), round(seconds, 3),
-                              entry["profiles"], trt.flavour, trt.version, build.stats.low_precision_nodes)
+                              entry.profiles, trt.flavour, trt.version, build.stats.low_precision_nodes)
         reports.append(report)
         progress.engine_done(report)
 
     result = BuildReport(export_dir, trt.flavour, trt.version, settings, reports, cache_note,
-                         plugin_graph["file"] if plugin_graph else None, warnings,
+                         plugin_graph.file if plugin_graph else None, warnings,
                          round(time.perf_counter() - started, 3))
     result.report_file = _write_report(engines_dir / REPORT, result)
     return result
 
 
-def _limit_warnings(manifest: dict, settings: BuildSettings) -> list[str]:
-    image_tokens = manifest.get("kept_image_tokens") or 0
-    if "decoder_segments" in manifest and settings.max_seq <= image_tokens:
+def _limit_warnings(manifest: Manifest, settings: BuildSettings) -> list[str]:
+    image_tokens = manifest.image.kept_image_tokens
+    if manifest.decoder_segments and settings.max_seq <= image_tokens:
         return [f"--max-seq {settings.max_seq} leaves no room for a prompt: the export gives the LLM "
                 f"{image_tokens} image tokens; these engines cannot run a generation (use --max-seq > "
                 f"{image_tokens})"]

@@ -1,4 +1,7 @@
-"""``fsr-build``: TensorRT engines for every graph of an fsr-export folder."""
+"""``fsr-build``: TensorRT engines for every graph of an fsr-export folder.
+
+The arguments and the export are checked first; the builder (onnx, TensorRT) is imported after.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+from fsr.cli import command, make_app, run_app
+from fsr.cli import err as console
+from fsr.engines.profiles import Profile, check_limits
+from fsr.engines.records import PRECISIONS
+from fsr.manifest import read_manifest
+from fsr.settings import SettingsError
 
 
 class RichProgress:
@@ -45,8 +53,6 @@ def report_table(report) -> Table:
     table = Table(title=f"fsr-build: {report.export_dir} ({flavour} {report.version})")
     for col in ("engine", "precision", "profiles", "size", "build time", "fp16/bf16 nodes", "TensorRT"):
         table.add_column(col, justify="right" if col in ("size", "build time", "fp16/bf16 nodes") else "left")
-    from fsr.engines.profiles import Profile
-
     for r in report.engines:
         profiles = "\n".join(Profile.from_json(p).describe() for p in r.profiles)
         table.add_row(r.file, r.precision + (" (plugin)" if r.plugin else ""), profiles, _mib(r.size_bytes),
@@ -55,6 +61,11 @@ def report_table(report) -> Table:
     return table
 
 
+app = make_app("Build TensorRT engines for an fsr-export folder.")
+
+
+@app.command()
+@command
 def build(
     export_dir: Path = typer.Argument(..., help="Folder written by fsr-export."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (fp16/bf16: matmuls and weights in that type, "
@@ -74,27 +85,23 @@ def build(
     verbose: bool = typer.Option(False, "--verbose", help="Print TensorRT's log."),
 ) -> None:
     """Build one TensorRT engine per graph into EXPORT_DIR/engines/ and record them in the manifest."""
-    from fsr.engines.builder import BuildSettings, build_engines
-    from fsr.engines.loader import EngineBuildError
-    from fsr.engines.plugin_graph import PluginError
-    from fsr.engines.profiles import ProfileError
-    from fsr.engines.trt_import import TensorRTMissing, import_tensorrt
-    from fsr.export.manifest import ManifestError
+    if precision not in PRECISIONS:
+        raise SettingsError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_limits(max_batch, max_seq)
+    read_manifest(export_dir, verify=True)  # an altered export is refused before TensorRT is loaded
+    from fsr.engines.builder import BuildSettings, build_engines  # noqa: PLC0415 (heavy: after the checks)
+    from fsr.engines.trt_import import import_tensorrt  # noqa: PLC0415
 
     settings = BuildSettings(precision=precision, max_batch=max_batch, max_seq=max_seq, plugin=plugin,
                              plugin_library=plugin_library, timing_cache=timing_cache, graphs=tuple(graph or ()),
                              verbose=verbose)
-    try:
-        settings.validate()
-        trt = import_tensorrt()
-        console.print(f"using [bold]{trt.label}[/] (module {trt.flavour})")
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            report = build_engines(export_dir, settings, progress=RichProgress(bar), trt=trt)
-    except (ManifestError, ProfileError, PluginError, EngineBuildError, TensorRTMissing, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+    settings.validate()
+    trt = import_tensorrt()
+    console.print(f"using [bold]{trt.label}[/] (module {trt.flavour})")
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        report = build_engines(export_dir, settings, progress=RichProgress(bar), trt=trt)
     Console().print(report_table(report))
     console.print(f"timing cache: {report.timing_cache}")
     if report.plugin_graph:
@@ -104,12 +111,8 @@ def build(
     console.print(f"report: {report.report_file}; total {report.total_seconds:.1f} s")
 
 
-app = typer.Typer(add_completion=False, help="Build TensorRT engines for an fsr-export folder.")
-app.command()(build)
-
-
 def main() -> None:
-    app()
+    sys.exit(run_app(app, prog_name="fsr-build"))
 
 
 if __name__ == "__main__":

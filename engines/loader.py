@@ -19,9 +19,12 @@ from typing import Callable
 
 import onnx
 
-from fsr.errors import FsrError
+from fsr.engines.plugin_graph import load_plugin_library
+from fsr.engines.precision import convert_onnx_file
 from fsr.engines.profiles import Profile
+from fsr.engines.records import write_atomic
 from fsr.engines.trt_import import TensorRT, import_tensorrt, make_logger
+from fsr.errors import FsrError
 
 class EngineBuildError(FsrError, RuntimeError):
     """TensorRT could not parse or build a graph; the message names the graph and the cause."""
@@ -104,8 +107,6 @@ class EngineBytesFromOnnx:
                 f"from it. Build with --precision {graph_type}, or export in fp32 (fsr-export --dtype fp32)")
         if graph_type in (None, self.precision) or self.precision == "fp32":
             return self._build(trt, self.path)
-        from fsr.engines.precision import convert_onnx_file
-
         with tempfile.TemporaryDirectory(prefix=".convert-", dir=self.work_dir) as tmp:
             converted = Path(tmp) / f"{self.path.stem}.{self.precision}.onnx"
             self.progress(f"rewriting the graph for {self.precision}")
@@ -114,8 +115,6 @@ class EngineBytesFromOnnx:
             return self._build(trt, converted)
 
     def _build(self, trt: TensorRT, path: Path) -> bytes:
-        from fsr.engines.plugin_graph import load_plugin_library
-
         for library in self.plugin_libraries:
             load_plugin_library(trt, library)
         t = trt.module
@@ -157,8 +156,6 @@ class EngineBytesFromOnnx:
             raise EngineBuildError(f"{trt.label} failed to build an engine from {self.path.name}: {errors} "
                                    "(fsr-build --verbose prints TensorRT's whole log)")
         if cache is not None:
-            from fsr.engines.records import write_atomic
-
             data = bytes(memoryview(config.get_timing_cache().serialize()))
             write_atomic(self.timing_cache, data)
             self.stats.timing_cache_bytes = len(data)

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from fsr.errors import FsrError
 from fsr.engines.records import hash_files, update_manifest, write_atomic
+from fsr.manifest import Manifest, PluginGraphEntry
 
 PLUGIN_GRAPH_SUFFIX = ".plugin.onnx"
 PLUGIN_LIBRARY_ENV = "FSR_PLUGIN_LIBRARY"
@@ -46,7 +47,7 @@ def make_plugin_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def write_plugin_graph(export_dir: Path, manifest: dict, graph: str = "vision") -> dict | None:
+def write_plugin_graph(export_dir: Path, manifest: Manifest, graph: str = "vision") -> PluginGraphEntry | None:
     """Write ``<graph>.plugin.onnx`` (if ``graph`` holds FSR) and record it; returns its entry.
 
     Returns None for a graph without FocusScanRefine (``--method none``).
@@ -54,35 +55,31 @@ def write_plugin_graph(export_dir: Path, manifest: dict, graph: str = "vision") 
     from fsr.graph_passes.fsr_to_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, count_plugin_nodes
 
     export_dir = Path(export_dir)
-    entry = manifest["graphs"].get(graph)
+    entry = manifest.graphs.get(graph)
     if entry is None:
         return None
-    source_files = hash_files(export_dir, entry["files"])
-    rel = Path(entry["file"]).with_suffix("").as_posix() + PLUGIN_GRAPH_SUFFIX
-    old = (manifest.get("plugin_graphs") or {}).get(graph)
-    if old and old["source_files"] == source_files and (export_dir / rel).is_file() \
-            and hash_files(export_dir, old["files"]) == old["files"]:
+    source_files = hash_files(export_dir, entry.hashes())
+    rel = Path(entry.file).with_suffix("").as_posix() + PLUGIN_GRAPH_SUFFIX
+    old = manifest.plugin_graphs.get(graph)
+    if old and old.source_files == source_files and (export_dir / rel).is_file() \
+            and hash_files(export_dir, old.files) == old.files:
         return old
-    model = onnx.load(export_dir / entry["file"])
+    model = onnx.load(export_dir / entry.file)
     if not has_fsr_node(model):
         return None
     plugin_model = make_plugin_model(model)
     if plugin_model.ByteSize() >= 2**31 - 1:
         raise PluginError(f"the {graph} graph is over 2 GB; the plugin graph writer keeps it in one file")
     write_atomic(export_dir / rel, plugin_model.SerializeToString())
-    record = {
-        "file": rel,
-        "files": hash_files(export_dir, [rel]),
-        "source_files": source_files,
-        "plugin": {"name": PLUGIN_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE},
-        "nodes": count_plugin_nodes(plugin_model),
-    }
+    record = PluginGraphEntry(
+        file=rel, files=hash_files(export_dir, [rel]), source_files=source_files,
+        plugin={"name": PLUGIN_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE},
+        nodes=count_plugin_nodes(plugin_model))
 
-    def change(m: dict) -> None:
-        m.setdefault("plugin_graphs", {})[graph] = record
+    def change(m: Manifest) -> None:
+        m.plugin_graphs[graph] = record
 
-    manifest.clear()
-    manifest.update(update_manifest(export_dir, change))
+    manifest.__dict__.update(update_manifest(export_dir, change).__dict__)
     return record
 
 

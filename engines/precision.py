@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes  # an onnx dependency; NumPy has no bfloat16
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -90,8 +91,6 @@ def _low_constant(name: str, values, precision: str) -> gs.Constant:
     values = np.asarray(values, dtype=np.float32)
     if precision == "fp16":
         return gs.Constant(name, np.asarray(np.clip(values, -FP16_MAX, FP16_MAX), dtype=np.float16))
-    import ml_dtypes  # an onnx dependency; NumPy has no bfloat16
-
     proto = onnx.numpy_helper.from_array(np.asarray(values.astype(ml_dtypes.bfloat16)), name)
     return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 from fsr.errors import FsrError
+from fsr.manifest import Manifest, TensorInfo
 
 KNOWN_DIMS = ("batch", "sequence", "past_sequence", "total_sequence")
 TYPICAL_TEXT_TOKENS = 64
@@ -76,39 +77,39 @@ def check_limits(max_batch: int, max_seq: int) -> None:
         raise ProfileError(f"--max-seq must be >= 2 (got {max_seq}): a prompt token plus one generated token")
 
 
-def typical_sequence(manifest: dict, max_seq: int) -> int:
-    image_tokens = manifest.get("kept_image_tokens") or 0
+def typical_sequence(manifest: Manifest, max_seq: int) -> int:
+    image_tokens = manifest.image.kept_image_tokens
     return max(1, min(max_seq, image_tokens + TYPICAL_TEXT_TOKENS))
 
 
-def graph_profiles(manifest: dict, graph: str, max_batch: int, max_seq: int) -> list[Profile]:
-    """The profiles of ``graph`` (an entry of ``manifest["graphs"]``) for these limits."""
+def graph_profiles(manifest: Manifest, graph: str, max_batch: int, max_seq: int) -> list[Profile]:
+    """The profiles of ``graph`` (a graph of the manifest) for these limits."""
     check_limits(max_batch, max_seq)
-    entry = manifest["graphs"][graph]
+    entry = manifest.graph(graph)
     s = typical_sequence(manifest, max_seq)
     p = min(max_seq - 1, s)
     prefill = {"batch": (1, 1, max_batch), "sequence": (1, s, max_seq),
                "past_sequence": (0, 0, 0), "total_sequence": (1, s, max_seq)}
     decode = {"batch": (1, 1, max_batch), "sequence": (1, 1, 1),
               "past_sequence": (0, p, max_seq - 1), "total_sequence": (1, p + 1, max_seq)}
-    has_cache = any(d == "past_sequence" for i in entry["inputs"] for d in i["shape"])
+    has_cache = any(d == "past_sequence" for i in entry.inputs for d in i.shape)
     ranges = [("prefill", prefill), ("decode", decode)] if has_cache else [("default", prefill)]
-    used = [d for d in KNOWN_DIMS if any(d in i["shape"] for i in entry["inputs"])]
-    return [Profile(name, {i["name"]: _input_range(graph, i, r) for i in entry["inputs"]},
+    used = [d for d in KNOWN_DIMS if any(d in i.shape for i in entry.inputs)]
+    return [Profile(name, {i.name: _input_range(graph, i, r) for i in entry.inputs},
                     {d: list(r[d]) for d in used})
             for name, r in ranges]
 
 
-def _input_range(graph: str, spec: dict, ranges: dict) -> tuple[list[int], list[int], list[int]]:
+def _input_range(graph: str, spec: TensorInfo, ranges: dict) -> tuple[list[int], list[int], list[int]]:
     lo, opt, hi = [], [], []
-    for dim in spec["shape"]:
+    for dim in spec.shape:
         if isinstance(dim, int) and dim > 0:
             a = b = c = dim
         elif dim in ranges:
             a, b, c = ranges[dim]
         else:
             raise ProfileError(
-                f"graph {graph!r}, input {spec['name']!r}: dimension {dim!r} is neither static nor one fsr-build "
+                f"graph {graph!r}, input {spec.name!r}: dimension {dim!r} is neither static nor one fsr-build "
                 f"knows ({', '.join(KNOWN_DIMS)}); export the graph again with fsr-export")
         lo.append(a), opt.append(b), hi.append(c)
     return lo, opt, hi

@@ -20,19 +20,19 @@
 
 ``source.files`` holds the hash of every file the engine was built from (a plugin
 engine: the plugin graph and the graph it was made from). `check_engine_fresh`
-recomputes them, so a runtime refuses an engine whose ONNX changed since the build,
-without needing a GPU. The manifest is always rewritten atomically.
+recomputes them and the engine's own hash, so a runtime refuses an engine that changed or
+whose ONNX changed since the build, without needing a GPU. The records are typed
+(`fsr.manifest.EngineEntry`, `fsr.manifest.PluginGraphEntry`); the manifest is always
+rewritten atomically (`fsr.manifest.update_manifest`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
 
-from fsr.export.manifest import MANIFEST, ManifestError, read_manifest, sha256
+from fsr.manifest import EngineEntry, Manifest, ManifestError, sha256, update_manifest  # noqa: F401 (re-exported)
 
 ENGINES_DIR = "engines"
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -65,54 +65,48 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise
 
 
-def update_manifest(export_dir: Path, change: Callable[[dict], None]) -> dict:
-    """Re-read the manifest, apply ``change`` to it, write it back atomically; returns it."""
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    change(manifest)
-    write_atomic(export_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
 def hash_files(export_dir: Path, rels) -> dict[str, str]:
     return {rel: sha256(Path(export_dir) / rel) for rel in rels}
 
 
-def select_engine(manifest: dict, graph: str, precision: str | None = None,
-                  plugin: bool | None = None) -> tuple[str, dict]:
+def select_engine(manifest: Manifest, graph: str, precision: str | None = None,
+                  plugin: bool | None = None) -> tuple[str, EngineEntry]:
     """The engine to run for ``graph``: filtered by ``precision`` and ``plugin`` when given;
     among several, the plugin engine first, then the most recently built."""
-    engines = manifest.get("engines") or {}
-    matches = [(eid, e) for eid, e in engines.items() if e["graph"] == graph
-               and (precision is None or e["precision"] == precision)
-               and (plugin is None or bool(e.get("plugin")) == plugin)]
+    engines = manifest.engines
+    matches = [(eid, e) for eid, e in engines.items() if e.graph == graph
+               and (precision is None or e.precision == precision)
+               and (plugin is None or e.plugin == plugin)]
     if not matches:
         wanted = " ".join(filter(None, [precision, "plugin" if plugin else None]))
         have = ", ".join(sorted(engines)) or "none"
         raise ManifestError(f"the export has no {wanted + ' ' if wanted else ''}TensorRT engine for graph {graph!r} "
                             f"(engines: {have}); run fsr-build first")
-    matches.sort(key=lambda m: (bool(m[1].get("plugin")), m[1].get("built", "")), reverse=True)
+    matches.sort(key=lambda m: (m[1].plugin, m[1].built), reverse=True)
     return matches[0]
 
 
-def check_engine_fresh(manifest: dict, export_dir: Path, graph: str, precision: str | None = None,
-                       plugin: bool | None = None) -> dict:
-    """Select the engine of ``graph`` and make sure it still matches its ONNX; returns its entry.
+def check_engine_fresh(manifest: Manifest, export_dir: Path, graph: str, precision: str | None = None,
+                       plugin: bool | None = None) -> EngineEntry:
+    """Select the engine of ``graph`` and make sure it and its ONNX are as built; returns its entry.
 
-    Raises `StaleEngineError` when the engine file is missing or any source file changed
-    (or is gone) since the build. Needs no GPU and no TensorRT.
+    Raises `StaleEngineError` when the engine file is missing or changed, or any source
+    file changed (or is gone) since the build. Needs no GPU and no TensorRT.
     """
     export_dir = Path(export_dir)
     eid, entry = select_engine(manifest, graph, precision, plugin)
-    engine = export_dir / entry["file"]
+    engine = manifest.resolve(export_dir, entry.file)
     if not engine.is_file():
-        raise StaleEngineError(f"engine {entry['file']} ({eid}) is missing; run fsr-build again")
-    for rel, digest in entry["source"]["files"].items():
-        source = export_dir / rel
+        raise StaleEngineError(f"engine {entry.file} ({eid}) is missing; run fsr-build again")
+    for rel, digest in entry.source.files.items():
+        source = manifest.resolve(export_dir, rel)
         if not source.is_file():
-            raise StaleEngineError(f"{rel}, the ONNX engine {entry['file']} was built from, is missing; "
+            raise StaleEngineError(f"{rel}, the ONNX engine {entry.file} was built from, is missing; "
                                    "export again and run fsr-build again")
         if sha256(source) != digest:
-            raise StaleEngineError(f"engine {entry['file']} refused: {rel} changed since the engine was built; "
+            raise StaleEngineError(f"engine {entry.file} refused: {rel} changed since the engine was built; "
                                    "run fsr-build again")
+    if sha256(engine) != entry.sha256:
+        raise StaleEngineError(f"engine {entry.file} refused: the file changed since fsr-build wrote it (hash "
+                               "mismatch); run fsr-build again")
     return entry

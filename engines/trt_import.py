@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from types import ModuleType
 
 from fsr.errors import FsrError
@@ -87,8 +88,6 @@ def import_tensorrt(flavour: str | None = None) -> TensorRT:
 def make_logger(trt: TensorRT, verbose: bool = False):
     """A TensorRT logger that keeps warnings and errors (``.messages``) for error reports,
     printing TensorRT's log to stderr only when ``verbose``."""
-    import sys
-
     base = trt.module.ILogger
     severity = trt.module.ILogger.Severity
 

@@ -1,18 +1,31 @@
-"""``fsr-export``: trace a VLM to ONNX with visual-token pruning spliced into the graphs."""
+"""``fsr-export <family>``: trace a VLM to ONNX with its pruning method inside the graphs.
+
+One subcommand per model family of the registry (`fsr.models.registry`), each with the
+same options: the common ones below, plus every option of every exportable pruning method
+(`fsr.pruning.methods`; ``--budget``, ``--alpha``, ... come from the methods' settings
+classes). A method option is ``None`` unless given, so a method's own defaults apply, and
+an option the chosen method does not take is refused. Arguments are checked (settings,
+output folder, the checkpoint's ``model_type``) before torch is imported.
+"""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Export vision-language models to ONNX with visual-token pruning inside the graphs.")
-console = Console(stderr=True)
+import fsr.export
+from fsr.cli import command, err, make_app, run_app
+from fsr.models import FAMILIES, check_checkpoint, get_spec, load_model, resolve_model_path
+from fsr.models.registry import FamilyEntry
+from fsr.pruning.methods import MethodError, get_method, method_names, methods
+from fsr.settings import DTYPES, SettingField
+
+app = make_app("Export vision-language models to ONNX with visual-token pruning inside the graphs.", subcommands=True)
 
 
 @app.callback()
@@ -20,61 +33,127 @@ def _root() -> None:
     """Export vision-language models to ONNX with visual-token pruning inside the graphs."""
 
 
-@app.command()
-def llava(
-    budget: int = typer.Option(64, help="Image tokens the LLM keeps (of 576); >= 1."),
-    method: str = typer.Option("fsr", help="Pruning method: fsr | none."),
-    model: Optional[str] = typer.Option(
-        None, help="Checkpoint folder, hub id from the local HF cache, or a preset (tiny, small, llava-1.5-7b). "
-                   "Default: the built-in 'tiny' preset."),
-    clip: Optional[str] = typer.Option(None, help="CLIP checkpoint (text tower) for instruction relevance."),
-    relevance: str = typer.Option("auto", help="auto | clip | llm (fallback: LLM input embeddings)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Export folder (default exports/llava-...)."),
-    dtype: str = typer.Option("fp32", help="fp32 | fp16."),
-    alpha: float = typer.Option(3.0), beta: float = typer.Option(1.0),
-    rho: float = typer.Option(0.9), kappa: float = typer.Option(1.0),
-    seed: int = typer.Option(0, help="Seed of a preset's random weights."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-) -> None:
-    """Export a LLaVA model: vision (+ FSR), token embedding, decoder (prefill + decode), text encoder."""
-    from fsr.export.llava import ExportConfigError, ExportSettings, export_llava
-    from fsr.models.llava import ModelError, load_model
+def method_options() -> dict[str, tuple[SettingField, list[str]]]:
+    """Every command-line setting of the exportable methods: name -> (field, methods taking it)."""
+    out: dict[str, tuple[SettingField, list[str]]] = {}
+    for method in methods():
+        if not method.exportable:
+            continue
+        for field in method.Settings.fields():
+            if not field.info.cli:
+                continue
+            if field.name in out:
+                known, users = out[field.name]
+                if known.type != field.type:
+                    raise TypeError(f"option --{field.name} has two types ({known.type}, {field.type})")
+                users.append(method.name)
+            else:
+                out[field.name] = (field, [method.name])
+    return out
 
-    settings = ExportSettings(method=method, budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa,
-                              dtype=dtype, relevance=relevance)
+
+def _option_parameter(field: SettingField, users: list[str]) -> inspect.Parameter:
+    choices = f" ({' | '.join(map(str, field.info.choices))})" if field.info.choices else ""
+    text = f"{field.info.help}{choices} (method {', '.join(users)}; default {field.default})"
+    annotation = Optional[field.type] if field.type in (int, float, str, bool) else Optional[str]
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(None, field.flag, help=text, show_default=False))
+
+
+def _common_parameters(entry: FamilyEntry) -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    presets = ", ".join(entry.presets)
+    return [
+        inspect.Parameter("method", kw, annotation=str, default=typer.Option(
+            "fsr", help=f"Pruning method: {' | '.join(method_names(exportable=True))}.")),
+        inspect.Parameter("model", kw, annotation=Optional[str], default=typer.Option(
+            None, help=f"Checkpoint folder, hub id from the local HF cache, or a preset ({presets}). "
+                       f"Default: the built-in '{entry.default_preset}' preset.")),
+        inspect.Parameter("clip", kw, annotation=Optional[str], default=typer.Option(
+            None, help="CLIP checkpoint (text tower) for instruction relevance.")),
+        inspect.Parameter("output", kw, annotation=Optional[Path], default=typer.Option(
+            None, "--output", "-o", help=f"Export folder (default exports/{entry.name}-<model>-<method>).")),
+        inspect.Parameter("dtype", kw, annotation=str, default=typer.Option("fp32", help=" | ".join(DTYPES) + ".")),
+        inspect.Parameter("seed", kw, annotation=int, default=typer.Option(0, help="Seed of a preset's random weights.")),
+        inspect.Parameter("force", kw, annotation=bool, default=typer.Option(
+            False, "--force", help="Replace an existing output folder.")),
+    ]
+
+
+def _make_family_command(entry: FamilyEntry):
+    options = method_options()
+
+    def export(**values: Any) -> None:
+        export_family(entry, values, list(options))
+
+    params = _common_parameters(entry) + [_option_parameter(f, users) for f, users in options.values()]
+    export.__signature__ = inspect.Signature(params, return_annotation=None)
+    export.__annotations__ = {p.name: p.annotation for p in params}
+    export.__doc__ = f"Export {entry.summary.split(':')[0]}: vision (+ pruning op), token embedding, decoder " \
+                     "(prefill + decode), text encoder."
+    return command(export)
+
+
+def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list[str]) -> None:
+    """The body of ``fsr-export <family>``: check everything light, then load, then export."""
+    method = get_method(values["method"])
+    if not method.exportable:
+        raise MethodError(f"method {method.name!r} has no in-graph form; exportable methods: "
+                          f"{', '.join(method_names(exportable=True))}")
+    given = {k: values[k] for k in option_names if values.get(k) is not None}
+    own = {f.name for f in method.Settings.fields()}
+    foreign = sorted(k for k in given if k not in own)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        takes = ", ".join("--" + f.replace("_", "-") for f in sorted(own))
+        raise MethodError(f"{flags} do(es) not apply to method {method.name!r}, which takes "
+                          f"{'the options ' + takes if takes else 'no options'}")
+    settings = method.settings(**given)
+    dtype = values["dtype"]
+    if dtype not in DTYPES:
+        raise MethodError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model = values["model"]
+    name = model or entry.default_preset
+    if model is not None and model not in entry.presets:
+        check_checkpoint(resolve_model_path(model), entry.name)  # refuse another kind before any weights
+    output = values["output"]
+    if output is None:
+        budget = method.budget(settings)
+        tag = method.name if budget is None or not method.prunes else f"{method.name}-b{budget}"
+        output = Path("exports") / f"{entry.name}-{Path(name).name}-{tag}"
+    force = values["force"]
+    if output.exists() and not force:
+        raise fsr.export.ExportConfigError(
+            f"{output} already exists; pass --force to replace it, or choose another --output")
+    if model is None:
+        err.print(f"[bold]--model not given: using the built-in '{entry.default_preset}' preset[/] "
+                  f"(random weights, seed {values['seed']}, {entry.summary.split(':')[0]} geometry)")
+    start = time.perf_counter()
     try:
-        settings.validate()
-        name = model or "tiny"
-        if output is None:
-            tag = "none" if method == "none" else f"{method}-b{budget}"
-            output = Path("exports") / f"llava-{Path(name).name}-{tag}"
-        if output.exists() and not force:
-            raise ExportConfigError(f"{output} already exists; pass --force to replace it, or choose another --output")
-        if model is None:
-            console.print("[bold]--model not given: using the built-in 'tiny' preset[/] "
-                          f"(random weights, seed {seed}, LLaVA-1.5 geometry)")
-        start = time.perf_counter()
-        with console.status("loading the model") as status:
-            loaded = load_model(model, clip=clip, seed=seed)
+        with err.status("loading the model") as status:
+            loaded = load_model(model, family=entry.name, clip=values["clip"], seed=values["seed"])
+            export_settings = fsr.export.ExportSettings(method.name, dtype=dtype, settings=settings)
 
             def progress(step: str) -> None:
-                console.log(step)
+                err.log(step)
                 status.update(step)
 
-            export_llava(loaded, output, settings, force=force, progress=progress)
-    except (ExportConfigError, ModelError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+            fsr.export.export_model(loaded, output, export_settings, force=force, progress=progress)
     except KeyboardInterrupt:
-        console.print("[red]interrupted:[/] nothing was written")
-        raise typer.Exit(130)
-    console.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
-                  f"(method {method}, budget {budget if method != 'none' else 'all'}, {dtype})")
+        err.print("[red]interrupted:[/] nothing was written")
+        raise typer.Exit(130) from None
+    n_image = get_spec(entry.name).num_image_tokens(loaded.config)
+    err.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
+              f"({method.describe(settings, n_image)}, {dtype})")
+
+
+for _entry in FAMILIES.values():
+    app.command(name=_entry.name, help=None)(_make_family_command(_entry))
 
 
 def main() -> None:
-    app(prog_name="fsr-export")
+    sys.exit(run_app(app, prog_name="fsr-export"))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -17,3 +17,7 @@ class FsrError(Exception):
     """An expected failure whose message tells the user what to do."""
 
     exit_code = 2
+
+
+class InputError(FsrError, ValueError):
+    """A bad image or prompt; the message names the problem and the fix."""

@@ -8,6 +8,9 @@ decodes exactly, is deterministic, and saves as a standard ``tokenizer.json`` th
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
 BOS, EOS, UNK, PAD, IMAGE = "<s>", "</s>", "<unk>", "<pad>", "<image>"
 SPECIAL_TOKENS = [BOS, EOS, UNK, PAD, IMAGE]
 
@@ -31,9 +34,6 @@ LLAVA_CHAT_TEMPLATE = (
 
 def build_byte_tokenizer(model_max_length: int = 4096):
     """Return a ``PreTrainedTokenizerFast`` (BOS prepended, ``<image>`` special)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + alphabet)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))

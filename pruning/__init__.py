@@ -1,66 +1,42 @@
-"""fsr.pruning: the FocusScanRefine visual-token pruning operator.
+"""fsr.pruning: visual-token pruning methods, the FocusScanRefine operator first.
 
+- `methods`: the method registry (`get_method(name)`, `methods()`): one object per method
+  (``none``, ``fsr``, the baselines) that the exporter, runtime, compare and bench ask.
 - `focus_scan_refine_reference`: readable reference (ground truth), `FSRDetails`.
 - `FocusScanRefineFixed`: fixed-shape, batch-vectorised module that exports to ONNX.
 - Baselines with FSR's call shape (``baselines.py``): `saliency_topk_reference`,
-  `uniform_reference`, `random_reference`, the exportable `SaliencyTopKFixed`, and the
-  registry `PRUNING_METHODS` (name -> function, ``fsr`` included) / `get_pruning_method`.
+  `uniform_reference`, `random_reference`, the exportable `SaliencyTopKFixed`, and
+  `PRUNING_METHODS` (name -> reference function) / `get_pruning_method`.
 - `build_fsr_function` / `make_fsr_model` / `fsr_node_attributes`: the ONNX local
-  function ``fsr.FocusScanRefine`` (loaded lazily: these import onnx).
+  function ``fsr.FocusScanRefine``.
 - `fsr.pruning.testing`: shared random test cases.
+
+Every name loads on first use, so that importing the registry (``fsr.pruning.methods``)
+stays light: the command-line tools read method settings at start-up without torch.
 
 Specification: ``shared/docs/fsr-op.md``; rounding conventions: ``pruning/README.md``.
 """
 
-from ._numerics import cosine_matrix, fsr_scores, norm01, pow_f32
-from .baselines import (
-    PRUNING_METHODS,
-    SaliencyTopKFixed,
-    get_pruning_method,
-    random_reference,
-    saliency_topk_reference,
-    uniform_indices,
-    uniform_reference,
-)
-from .fsr_fixed import FocusScanRefineFixed
-from .fsr_reference import FSRDetails, focus_scan_refine_reference
+import importlib
 
-_ONNX_NAMES = (
-    "FSR_ATTRIBUTES",
-    "FSR_DOMAIN",
-    "FSR_INPUTS",
-    "FSR_OP",
-    "FSR_OP_VERSION",
-    "FSR_OUTPUTS",
-    "build_fsr_function",
-    "export_fsr_fixed",
-    "fsr_function_settings",
-    "fsr_node_attributes",
-    "make_fsr_model",
-)
+_NAMES = {
+    "cosine_matrix": "_numerics", "fsr_scores": "_numerics", "norm01": "_numerics", "pow_f32": "_numerics",
+    "PRUNING_METHODS": "baselines", "SaliencyTopKFixed": "baselines", "get_pruning_method": "baselines",
+    "random_reference": "baselines", "saliency_topk_reference": "baselines", "uniform_indices": "baselines",
+    "uniform_reference": "baselines",
+    "FocusScanRefineFixed": "fsr_fixed",
+    "FSRDetails": "fsr_reference", "focus_scan_refine_reference": "fsr_reference",
+    "FSR_ATTRIBUTES": "onnx_function", "FSR_DOMAIN": "onnx_function", "FSR_INPUTS": "onnx_function",
+    "FSR_OP": "onnx_function", "FSR_OP_VERSION": "onnx_function", "FSR_OUTPUTS": "onnx_function",
+    "build_fsr_function": "onnx_function", "export_fsr_fixed": "onnx_function",
+    "fsr_function_settings": "onnx_function", "fsr_node_attributes": "onnx_function",
+    "make_fsr_model": "onnx_function",
+}
 
-__all__ = [
-    "FSRDetails",
-    "FocusScanRefineFixed",
-    "PRUNING_METHODS",
-    "SaliencyTopKFixed",
-    "cosine_matrix",
-    "focus_scan_refine_reference",
-    "fsr_scores",
-    "get_pruning_method",
-    "norm01",
-    "pow_f32",
-    "random_reference",
-    "saliency_topk_reference",
-    "uniform_indices",
-    "uniform_reference",
-    *_ONNX_NAMES,
-]
+__all__ = sorted(_NAMES)
 
 
 def __getattr__(name):
-    if name in _ONNX_NAMES:
-        from . import onnx_function
-
-        return getattr(onnx_function, name)
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ backend keeps it on the device.
 from __future__ import annotations
 
 import abc
+import importlib
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fsr.errors import FsrError
+from fsr.manifest import Manifest
 
 
 class BackendError(FsrError, RuntimeError):
@@ -85,9 +87,13 @@ class Backend(abc.ABC):
     """Makes runners over an export's graphs and converts arrays to and from the host."""
 
     name: str = "?"
+    #: what the back end reads from the export folder, so that exactly that is verified first:
+    #: the ONNX graph files; the source model's weights (else only its processor files)
+    loads_graph_files: bool = True
+    loads_weights: bool = False
 
-    def __init__(self, export_dir: Path, manifest: dict):
-        self.export_dir, self.manifest = Path(export_dir), manifest
+    def __init__(self, export_dir: Path | None, manifest: Manifest):
+        self.export_dir, self.manifest = (Path(export_dir) if export_dir is not None else None), manifest
 
     @abc.abstractmethod
     def runner(self, graph: str) -> Runner: ...
@@ -102,6 +108,8 @@ class Backend(abc.ABC):
         """Wait for queued device work (for timing); a host backend has none."""
 
 
+#: name -> "module:Class"; a back end's module is imported when it is asked for (each needs a heavy,
+#: partly optional library: onnxruntime, tensorrt + a GPU, torch)
 _BACKENDS: dict[str, str] = {
     "ort": "fsr.runtime.onnxrt:OnnxRuntimeBackend",
     "trt": "fsr.runtime.trt:TensorRTBackend",
@@ -113,9 +121,7 @@ def backend_names() -> list[str]:
     return list(_BACKENDS)
 
 
-def get_backend(name: str, export_dir: Path, manifest: dict, **options) -> Backend:
-    import importlib
-
+def get_backend(name: str, export_dir: Path | None, manifest: Manifest, **options) -> Backend:
     if name not in _BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(_BACKENDS)}")
     module, cls = _BACKENDS[name].split(":")

@@ -1,23 +1,18 @@
-"""Host-side input preparation shared by every pipeline (exported graphs and PyTorch reference).
+"""Host-side inputs shared by every pipeline (exported graphs and PyTorch reference): images,
+CLIP text chunks of an instruction, the checkpoint's end-of-sequence ids.
 
-Images, prompts, the instruction text that drives FSR's relevance term, and the
-assembly of the LLM's prefill input (image token expanded to K embeddings, left
-padding, positions) live here once, so the ONNX Runtime / TensorRT pipeline and the
-PyTorch reference pipeline feed their models identical numbers.
+Prompt formatting, tokenization and the prefill assembly are the model spec's
+(`fsr.models.spec.ModelSpec`), so that both pipelines feed their models identical numbers.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from fsr.errors import FsrError
-from fsr.models.tokenizer import IMAGE
-
-
-class InputError(FsrError, ValueError):
-    """A bad image or prompt; the message names the problem and the fix."""
+from fsr.errors import InputError
 
 
 def load_image(image):
@@ -40,27 +35,6 @@ def load_image(image):
                          "format Pillow reads") from exc
 
 
-def format_prompt(processor, prompt: str, raw: bool = False) -> str:
-    """The text the LLM sees: the chat template around the prompt, or the prompt as given (``raw``)."""
-    count = prompt.count(IMAGE)
-    if raw:
-        if count != 1:
-            raise InputError(
-                f"with --raw the prompt is used as given and must contain the image token {IMAGE} exactly once "
-                f"(found {count}); add {IMAGE} where the image goes, or drop --raw to use the chat template")
-        return prompt
-    if count:
-        raise InputError(f"the prompt contains {IMAGE}; the chat template places the image itself: remove it, "
-                         "or pass --raw to use your prompt as given")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def instruction_text(prompt: str) -> str:
-    """The instruction FSR's relevance term is computed from: the prompt without the image token."""
-    return " ".join(prompt.replace(IMAGE, " ").split())
-
-
 def clip_chunks(tokenizer, text: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [C, max_tokens] and mask of ``text`` in chunks of ``max_tokens`` (BOS ... EOS, padded).
 
@@ -79,43 +53,8 @@ def clip_chunks(tokenizer, text: str, max_tokens: int) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
-def tokenize_prompts(tokenizer, texts: list[str], image_token_id: int) -> list[list[int]]:
-    rows = [tokenizer(t)["input_ids"] for t in texts]
-    for t, row in zip(texts, rows):
-        if row.count(image_token_id) != 1:
-            raise InputError(f"prompt {t!r} must tokenize to exactly one image token")
-    return rows
-
-
-def assemble_prefill(rows: list[list[int]], text_embeds: list[np.ndarray], image_embeds: np.ndarray,
-                     image_token_id: int, pad_embed: np.ndarray):
-    """Left-padded prefill input: each row's image token replaced by its K image embeddings.
-
-    ``text_embeds[b]`` holds the embeddings of ``rows[b]`` ([L_b, H]); ``image_embeds`` is
-    [B, K, H]. Returns ``inputs_embeds`` [B,S,H], ``attention_mask`` [B,S] int64 and
-    ``position_ids`` [B,S] int64 (cumulative sum of the mask minus one; padding gets 1,
-    as Hugging Face ``generate`` does).
-    """
-    seqs = []
-    for b, row in enumerate(rows):
-        at = row.index(image_token_id)
-        seqs.append(np.concatenate([text_embeds[b][:at], image_embeds[b], text_embeds[b][at + 1:]], axis=0))
-    length = max(s.shape[0] for s in seqs)
-    batch, hidden = len(seqs), image_embeds.shape[-1]
-    embeds = np.broadcast_to(pad_embed, (batch, length, hidden)).astype(image_embeds.dtype)
-    mask = np.zeros((batch, length), dtype=np.int64)
-    for b, s in enumerate(seqs):
-        embeds[b, length - s.shape[0]:] = s
-        mask[b, length - s.shape[0]:] = 1
-    positions = np.cumsum(mask, axis=1) - 1
-    positions[mask == 0] = 1
-    return embeds, mask, positions
-
-
 def eos_token_ids(source: Path, tokenizer) -> set[int]:
     """EOS ids from the checkpoint's generation config (falls back to the tokenizer's)."""
-    import json
-
     ids: set[int] = set()
     gen = Path(source) / "generation_config.json"
     if gen.is_file():

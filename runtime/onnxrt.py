@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
+from fsr.manifest import Manifest
 from fsr.runtime.backend import Backend, BackendError, Runner
 
 
@@ -17,8 +19,6 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def activate_impl(self) -> None:
-        import onnxruntime as ort
-
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
@@ -42,13 +42,13 @@ class OnnxRuntimeRunner(Runner):
 class OnnxRuntimeBackend(Backend):
     name = "ort"
 
-    def __init__(self, export_dir: Path, manifest: dict, providers: list[str] | None = None,
+    def __init__(self, export_dir: Path, manifest: Manifest, providers: list[str] | None = None,
                  threads: int | None = None):
         super().__init__(export_dir, manifest)
         self.providers, self.threads = providers, threads
 
     def runner(self, graph: str) -> OnnxRuntimeRunner:
-        entry = self.manifest["graphs"].get(graph)
-        if entry is None:
-            raise BackendError(f"the export has no {graph!r} graph (it has {', '.join(self.manifest['graphs'])})")
-        return OnnxRuntimeRunner(graph, self.export_dir / entry["file"], self.providers, self.threads)
+        if graph not in self.manifest.graphs:
+            raise BackendError(f"the export has no {graph!r} graph (it has {', '.join(self.manifest.graphs)})")
+        path = self.manifest.resolve(self.export_dir, self.manifest.graphs[graph].file)
+        return OnnxRuntimeRunner(graph, path, self.providers, self.threads)

@@ -1,14 +1,25 @@
-"""End-to-end generation from an export: image + prompt -> text, on any backend.
+"""End-to-end generation from an export: image + prompt -> text, on any backend, in steps.
 
     pipe = Pipeline("exports/llava-tiny-fsr-b64")            # ONNX Runtime
     [result] = pipe.generate(["cat.png"], ["What is this?"], max_new_tokens=16)
-    result.token_ids, result.text
+    result.token_ids, result.text, result.kept_indices
 
-Steps: image preprocessing with the saved processor; prompt formatting with the chat
-template; the instruction embedding for FSR's relevance (CLIP text graph, or the mean
-LLM input embedding); the vision graph (tower + FocusScanRefine); the image token
-expanded to the K kept embeddings; prefill; greedy decoding with the KV cache until
-EOS or ``max_new_tokens``.
+`generate` is these steps, each a public method that ``fsr-bench`` times and
+``fsr-compare`` reuses (the family's spec does the host-side work):
+
+1. `prepare`: images and prompts -> a `Request` (pixels for the vision graph, chat-formatted
+   token rows, the instruction text of each row);
+2. `instruction_embeds`: the embedding a method's relevance term needs (CLIP text graph, or
+   the mean LLM input embedding of the instruction; None when the vision graph takes none);
+3. `vision`: the vision graph (tower + the method's op) -> each row's image embeddings;
+4. `assemble`: prompt embeddings (embedding graph) with the image embeddings in place of the
+   image tokens, left padding, mask, positions, image spans -> `PrefillInputs`;
+5. `prefill`: the decoder segments over the whole prompt -> a `DecodeState`;
+6. `decode`: one token per row through the segments, the KV caches carried in the state.
+
+Each decoder segment keeps its own attention mask and position offset in the state, so a
+method that prunes between segments (``DecoderSegment.prune_before``, run by the method's
+``between_segments`` hook) gives later segments shorter caches.
 """
 
 from __future__ import annotations
@@ -16,52 +27,168 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from transformers import AutoProcessor, AutoTokenizer
 
-from fsr.export.manifest import read_manifest
-from fsr.runtime.backend import get_backend
-from fsr.runtime.inputs import (
-    InputError, assemble_prefill, clip_chunks, eos_token_ids, format_prompt, instruction_text, load_image,
-    tokenize_prompts,
-)
-
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+from fsr.errors import InputError
+from fsr.manifest import Manifest, read_manifest
+from fsr.models import get_spec
+from fsr.models.spec import CLIP_RELEVANCE, NP_DTYPES, ImageFeatures, PrefillInputs, Request
+from fsr.pruning.methods import get_method
+from fsr.runtime.backend import Backend, get_backend
+from fsr.runtime.inputs import clip_chunks, eos_token_ids, load_image
 
 
 @dataclasses.dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str
-    kept_indices: list[int] | None = None
+    kept_indices: list | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"token_ids": self.token_ids, "text": self.text}
 
 
-class Pipeline:
-    """Runs an export's graphs on one backend (``ort`` or ``trt``)."""
+@dataclasses.dataclass
+class SegmentState:
+    """One decoder segment's part of the decode state: its KV cache (backend arrays), its
+    attention mask [B, P] and the offset subtracted from the rows' positions (non-zero after a
+    method dropped tokens before this segment)."""
+
+    cache: list[Any]
+    attention_mask: np.ndarray
+    position_offset: np.ndarray
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """What a decode step needs: the last logits (backend array), the last position of each row,
+    and each segment's state. ``image_spans`` are the prefill's (start, length) per row and image."""
+
+    logits: Any
+    last_positions: np.ndarray
+    segments: list[SegmentState]
+    image_spans: list[list[tuple[int, int]]]
+
+    @property
+    def batch(self) -> int:
+        return int(self.last_positions.shape[0])
+
+
+class HostSteps:
+    """The host-side steps every pipeline shares (this one and the PyTorch reference pipeline):
+    preprocessing, the instruction embedding, the prefill assembly. A subclass says how it
+    embeds token ids (`embed`) and CLIP text chunks (`encode_text`)."""
+
+    def _init_host(self, manifest: Manifest, processor, clip_tokenizer, eos: set[int]) -> None:
+        self.manifest = manifest
+        self.spec = get_spec(manifest.family)
+        self.method = get_method(manifest.method.name)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.clip_tokenizer = clip_tokenizer
+        self.eos = eos
+        self.dtype = NP_DTYPES[manifest.dtype]
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
+    def relevance(self) -> str | None:
+        return self.manifest.relevance.source
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [B,S] -> LLM input embeddings [B,S,H] (host array)."""
+        raise NotImplementedError
+
+    def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """CLIP text chunks [C,T] -> joint-space embeddings [C,P] (host array)."""
+        raise NotImplementedError
+
+    def prepare(self, images: list, prompts: list[str], raw: bool = False) -> Request:
+        """Validate and preprocess: pixels, token rows, instructions."""
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(images)} image(s) for {len(prompts)} prompt(s); pass one image per prompt")
+        if not prompts:
+            raise InputError("no prompt given")
+        pil = [load_image(im) for im in images]
+        texts = [self.spec.format_prompt(self.processor, p, raw) for p in prompts]
+        rows = self.spec.tokenize(self.processor, texts, self.manifest.image.image_token_id)
+        return Request(self.spec.preprocess_images(self.processor, pil), rows,
+                       [self.spec.instruction_text(self.processor, p) for p in prompts])
+
+    def instruction_embeds(self, instructions: list[str], relevance: str | None = None) -> np.ndarray | None:
+        """[B, E] in the export's dtype: the mean CLIP text embedding of the instruction's chunks, or
+        the mean LLM input embedding of its tokens; None when the export computes no relevance."""
+        relevance = relevance or self.relevance
+        if relevance is None:
+            return None
+        rows = []
+        for text in instructions:
+            if relevance == CLIP_RELEVANCE:
+                ids, mask = clip_chunks(self.clip_tokenizer, text, self.manifest.relevance.text_max_tokens
+                                        or self.spec.clip_max_tokens)
+                rows.append(self.encode_text(ids, mask).astype(np.float32).mean(axis=0))
+                continue
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ids:
+                rows.append(self.embed(np.asarray([ids]))[0].astype(np.float32).mean(axis=0))
+            else:
+                rows.append(np.zeros(self.manifest.llm.hidden_size, np.float32))
+        return np.stack(rows).astype(self.dtype)
+
+    def assemble(self, rows: list[list[int]], features: ImageFeatures) -> PrefillInputs:
+        """Embed the prompts (one left-padded call) and put each row's image embeddings in
+        place of its image tokens."""
+        width = max(len(r) for r in rows)
+        padded = np.asarray([[self.pad_id] * (width - len(r)) + r for r in rows])
+        text_embeds = self.embed(padded)
+        text_rows = [text_embeds[b, width - len(r):] for b, r in enumerate(rows)]
+        pad_embed = self.embed(np.asarray([[self.pad_id]]))[0, 0]
+        images = [[np.asarray(e).astype(self.dtype) for e in row] for row in features.embeddings]
+        return self.spec.assemble_prefill(rows, text_rows, images, self.manifest.image.image_token_id, pad_embed)
+
+
+class Pipeline(HostSteps):
+    """Runs an export's graphs on one backend (``ort``, ``trt`` or ``torch``)."""
 
     def __init__(self, export_dir, backend: str = "ort", verify: bool = True, **backend_options):
-        from transformers import AutoProcessor, AutoTokenizer
+        export_dir = Path(export_dir)
+        manifest = read_manifest(export_dir)
+        backend_obj = get_backend(backend, export_dir, manifest, **backend_options)
+        if verify:  # what this backend loads is what the manifest hashed
+            graphs = pipeline_graphs(manifest) if backend_obj.loads_graph_files else []
+            manifest.verify(export_dir, graphs=graphs, source="all" if backend_obj.loads_weights else "processor")
+        source = manifest.resolve(export_dir, manifest.source.folder)
+        processor = AutoProcessor.from_pretrained(source)
+        clip_tokenizer = None
+        if manifest.relevance.source == CLIP_RELEVANCE:
+            clip_tokenizer = AutoTokenizer.from_pretrained(manifest.resolve(export_dir, manifest.relevance.clip_model))
+        self.export_dir = export_dir
+        self._setup(backend_obj, processor, clip_tokenizer, eos_token_ids(source, processor.tokenizer))
 
-        self.export_dir = Path(export_dir)
-        self.manifest = read_manifest(self.export_dir, verify=verify)
-        source = self.export_dir / self.manifest["source_model"]
-        self.processor = AutoProcessor.from_pretrained(source)
-        self.tokenizer = self.processor.tokenizer
-        self.eos = eos_token_ids(source, self.tokenizer)
-        self.dtype = NP_DTYPES[self.manifest["dtype"]]
-        self.backend = get_backend(backend, self.export_dir, self.manifest, **backend_options)
-        graphs = self.manifest["graphs"]
-        self.segments = [s["graph"] for s in self.manifest["decoder_segments"]]
-        names = ["vision", "embed", *self.segments] + (["text_encoder"] if "text_encoder" in graphs else [])
-        self.runners = {n: self.backend.runner(n).activate() for n in names}
-        relevance = (self.manifest.get("relevance") or {}).get("source")
-        self.relevance = relevance
-        self.clip_tokenizer = AutoTokenizer.from_pretrained(source / "clip") if relevance == "clip" else None
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+    @classmethod
+    def from_backend(cls, backend: Backend, processor, *, clip_tokenizer=None, eos: set[int] | None = None
+                     ) -> "Pipeline":
+        """A pipeline over a backend made directly (a model in memory: no export folder)."""
+        pipe = cls.__new__(cls)
+        pipe.export_dir = backend.export_dir
+        tokenizer = processor.tokenizer
+        pipe._setup(backend, processor, clip_tokenizer, eos if eos is not None else {tokenizer.eos_token_id})
+        return pipe
+
+    def _setup(self, backend: Backend, processor, clip_tokenizer, eos: set[int]) -> None:
+        self.backend = backend
+        self._init_host(backend.manifest, processor, clip_tokenizer, eos)
+        self.segments = self.manifest.segment_graphs
+        self.runners = {}
+        try:
+            for name in pipeline_graphs(self.manifest):
+                self.runners[name] = backend.runner(name).activate()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         for r in self.runners.values():
@@ -73,125 +200,121 @@ class Pipeline:
     def __exit__(self, *exc):
         self.close()
 
-    # -- steps ---------------------------------------------------------------------------
-
     def _run(self, graph: str, feeds: dict) -> dict:
         return self.runners[graph].infer({k: self.backend.from_host(v) if isinstance(v, np.ndarray) else v
                                           for k, v in feeds.items()})
 
+    # -- 1./2. preprocessing and the instruction embedding: HostSteps --------------------------
+
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.backend.to_host(self._run("embed", {"input_ids": ids.astype(np.int64)})["inputs_embeds"])
 
-    def instruction_embeds(self, instructions: list[str]) -> np.ndarray | None:
-        if "instruction_embeds" not in self.runners["vision"].input_names:
-            return None
-        rows = []
-        if self.relevance == "clip":
-            width = self.manifest["relevance"]["text_max_tokens"]
-            for text in instructions:
-                ids, mask = clip_chunks(self.clip_tokenizer, text, width)
-                out = self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})["text_embeds"]
-                rows.append(self.backend.to_host(out).astype(np.float32).mean(axis=0))
-        else:
-            for text in instructions:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                if ids:
-                    rows.append(self.embed(np.asarray([ids]))[0].astype(np.float32).mean(axis=0))
-                else:
-                    rows.append(np.zeros(self.manifest["llm"]["hidden_size"], np.float32))
-        return np.stack(rows).astype(self.dtype)
+    def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.backend.to_host(self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})["text_embeds"])
 
-    def vision(self, pixel_values: np.ndarray, instruction_embeds: np.ndarray | None):
-        feeds = {"pixel_values": pixel_values.astype(self.dtype)}
-        if instruction_embeds is not None:
-            feeds["instruction_embeds"] = instruction_embeds
+    # -- 3. vision --------------------------------------------------------------------------
+
+    def vision_outputs(self, request: Request, instruction_embeds: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The vision graph's outputs (host arrays), by name."""
+        feeds = self.spec.vision_feeds(request.vision, instruction_embeds, self.dtype)
         out = self._run("vision", feeds)
-        kept = out.get("kept_indices")
-        return self.backend.to_host(out["image_tokens"]), None if kept is None else self.backend.to_host(kept)
+        return {k: self.backend.to_host(v) for k, v in out.items()}
 
-    def decoder(self, embeds, mask: np.ndarray, positions: np.ndarray, pasts: list[list]):
-        hidden, presents = embeds, []
-        for segment, past in zip(self.segments, pasts):
-            runner = self.runners[segment]
-            feeds = {runner.input_names[0]: hidden, "attention_mask": mask, "position_ids": positions}
-            feeds.update(zip(runner.input_names[3:], past))
-            out = self._run(segment, feeds)
+    def vision(self, request: Request, instruction_embeds: np.ndarray | None) -> ImageFeatures:
+        return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision)
+
+    # -- 4. prefill assembly: HostSteps.assemble ----------------------------------------------
+
+    # -- 5./6. prefill and decode ------------------------------------------------------------
+
+    def empty_cache(self, segment: str, batch: int) -> list:
+        llm = self.manifest.llm
+        shape = (batch, llm.num_kv_heads, 0, llm.head_dim)
+        n = len(self.runners[segment].input_names) - 3
+        return [self.backend.from_host(np.zeros(shape, self.dtype)) for _ in range(n)]
+
+    def _forward(self, embeds, positions: np.ndarray, state: DecodeState, prefill: bool):
+        hidden = embeds
+        for segment, seg_state in zip(self.manifest.decoder_segments, state.segments):
+            if prefill and segment.prune_before:
+                hidden = self.method.between_segments(self, segment, hidden, seg_state, state)
+            runner = self.runners[segment.graph]
+            feeds = {runner.input_names[0]: hidden, "attention_mask": seg_state.attention_mask,
+                     "position_ids": positions - seg_state.position_offset[:, None]}
+            feeds.update(zip(runner.input_names[3:], seg_state.cache))
+            out = self._run(segment.graph, feeds)
             hidden = out[runner.output_names[0]]
-            presents.append([out[n] for n in runner.output_names[1:]])
-        return hidden, presents
+            seg_state.cache = [out[n] for n in runner.output_names[1:]]
+        state.logits = hidden
+        return state
 
-    def prefill_inputs(self, rows: list[list[int]], image_embeds: np.ndarray):
-        """Embed the prompts (one left-padded call) and expand each image token to its K image
-        embeddings: ``inputs_embeds``, ``attention_mask``, ``position_ids`` for the prefill."""
-        width = max(len(r) for r in rows)
-        padded = np.asarray([[self.pad_id] * (width - len(r)) + r for r in rows])
-        text_embeds = self.embed(padded)
-        text_rows = [text_embeds[b, width - len(r):] for b, r in enumerate(rows)]
-        pad_embed = self.embed(np.asarray([[self.pad_id]]))[0, 0]
-        return assemble_prefill(rows, text_rows, image_embeds.astype(self.dtype),
-                                self.manifest["image_token_id"], pad_embed)
+    def prefill(self, inputs: PrefillInputs) -> DecodeState:
+        batch = inputs.attention_mask.shape[0]
+        segments = [SegmentState(self.empty_cache(s, batch), inputs.attention_mask, np.zeros(batch, np.int64))
+                    for s in self.segments]
+        state = DecodeState(None, inputs.position_ids[..., -1], segments, inputs.image_spans)
+        return self._forward(inputs.inputs_embeds, inputs.position_ids, state, prefill=True)
 
-    def empty_cache(self, batch: int) -> list[list]:
-        llm = self.manifest["llm"]
-        shape = (batch, llm["num_kv_heads"], 0, llm["head_dim"])
-        pasts = []
-        for segment in self.segments:
-            n = len(self.runners[segment].input_names) - 3
-            pasts.append([self.backend.from_host(np.zeros(shape, self.dtype)) for _ in range(n)])
-        return pasts
+    def decode(self, state: DecodeState, next_ids: np.ndarray) -> DecodeState:
+        """One step: ``next_ids`` [B] -> the state after them (logits of the next token)."""
+        ones = np.ones((state.batch, 1), np.int64)
+        for seg in state.segments:
+            seg.attention_mask = np.concatenate([seg.attention_mask, ones], axis=1)
+        positions = self.spec.next_positions(state.last_positions)
+        state.last_positions = positions[..., -1]
+        embeds = self.embed(np.asarray(next_ids, np.int64)[:, None])
+        return self._forward(embeds, positions, state, prefill=False)
+
+    def next_tokens(self, state: DecodeState) -> np.ndarray:
+        """Greedy choice from the last position's logits (on the device where possible)."""
+        logits = state.logits
+        if not isinstance(logits, np.ndarray) and hasattr(logits, "argmax") and hasattr(logits, "cpu"):
+            return logits[:, -1].float().argmax(-1).cpu().numpy()  # a torch tensor on its device
+        return self.backend.to_host(logits)[:, -1].astype(np.float32).argmax(-1)
 
     # -- public API ----------------------------------------------------------------------
-
-    def prepare(self, images: list, prompts: list[str], raw: bool = False):
-        """Validate and preprocess: pixel values, token rows, instructions."""
-        if len(images) != len(prompts):
-            raise InputError(f"got {len(images)} image(s) for {len(prompts)} prompt(s); pass one image per prompt")
-        if not prompts:
-            raise InputError("no prompt given")
-        pil = [load_image(im) for im in images]
-        texts = [format_prompt(self.processor, p, raw) for p in prompts]
-        rows = tokenize_prompts(self.tokenizer, texts, self.manifest["image_token_id"])
-        pixels = self.processor.image_processor(images=pil, return_tensors="np")["pixel_values"]
-        return pixels, rows, [instruction_text(p) for p in prompts]
 
     def generate(self, images: list, prompts: list[str], *, raw: bool = False,
                  max_new_tokens: int = 32) -> list[GenerationResult]:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         t0 = time.perf_counter()
-        pixels, rows, instructions = self.prepare(images, prompts, raw)
+        request = self.prepare(images, prompts, raw)
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
-        image_embeds, kept = self.vision(pixels, self.instruction_embeds(instructions))
+        features = self.vision(request, self.instruction_embeds(request.instructions))
         timings["vision_s"] = time.perf_counter() - t
 
-        embeds, mask, positions = self.prefill_inputs(rows, image_embeds)
-
-        batch = len(rows)
+        inputs = self.assemble(request.rows, features)
+        batch = len(request.rows)
         t = time.perf_counter()
-        logits, pasts = self.decoder(embeds, mask, positions, self.empty_cache(batch))
+        state = self.prefill(inputs)
         timings["prefill_s"] = time.perf_counter() - t
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
-        last_pos = positions[:, -1]
         t = time.perf_counter()
         for step in range(max_new_tokens):
-            next_ids = self.backend.to_host(logits)[:, -1].astype(np.float32).argmax(-1)
+            next_ids = self.next_tokens(state)
             for b in range(batch):
                 if not done[b]:
                     generated[b].append(int(next_ids[b]))
                     done[b] = int(next_ids[b]) in self.eos
             if done.all() or step == max_new_tokens - 1:
                 break
-            next_ids = np.where(done, self.pad_id, next_ids)[:, None]
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            last_pos = last_pos + 1
-            logits, pasts = self.decoder(self.embed(next_ids), mask, last_pos[:, None].astype(np.int64), pasts)
+            state = self.decode(state, np.where(done, self.pad_id, next_ids))
         timings["decode_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
+        kept = features.kept_indices
         return [
             GenerationResult(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                             None if kept is None else kept[b].tolist(), dict(timings))
+                             None if kept is None else kept[b], dict(timings))
             for b, ids in enumerate(generated)
         ]
+
+
+def pipeline_graphs(manifest: Manifest) -> list[str]:
+    """The graphs a pipeline runs: vision, embed, the decoder segments, the text encoder if any."""
+    names = ["vision", "embed", *manifest.segment_graphs]
+    names += [n for n in manifest.graphs if n not in names]
+    return names

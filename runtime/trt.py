@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from fsr.engines.plugin_graph import PluginError, find_plugin_library, load_plugin_library
+from fsr.engines.profiles import Profile
+from fsr.engines.records import check_engine_fresh
+from fsr.engines.trt_import import TensorRTMissing, import_tensorrt, make_logger
+from fsr.manifest import EngineEntry, Manifest, ManifestError
 from fsr.runtime.backend import Backend, BackendError, Runner
 
 GPU_MESSAGE = ("the TensorRT backend needs an NVIDIA GPU with CUDA, and this machine has none "
@@ -38,8 +44,6 @@ CUDA_GRAPH_CACHE = 32
 
 
 def _torch_dtypes(trt_module) -> dict:
-    import torch
-
     d = trt_module.DataType
     table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
              "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
@@ -49,7 +53,7 @@ def _torch_dtypes(trt_module) -> dict:
 class TensorRTRunner(Runner):
     """One engine. ``infer`` takes NumPy arrays or torch tensors and returns torch CUDA tensors."""
 
-    def __init__(self, name: str, path: Path, entry: dict, trt, *, inputs: list[str], outputs: list[str],
+    def __init__(self, name: str, path: Path, entry: EngineEntry, trt, *, inputs: list[str], outputs: list[str],
                  cuda_graphs: bool = False, plugin_library: Path | None = None, device: str = "cuda"):
         super().__init__(name, path, inputs, outputs)
         self.entry, self.trt, self.device = entry, trt, device
@@ -61,37 +65,30 @@ class TensorRTRunner(Runner):
     # -- lifecycle -----------------------------------------------------------------------
 
     def activate_impl(self) -> None:
-        import torch
-
-        from fsr.engines.profiles import Profile
-        from fsr.engines.trt_import import make_logger
-
         t = self.trt.module
-        if self.entry.get("plugin"):
-            from fsr.engines.plugin_graph import PluginError, find_plugin_library, load_plugin_library
-
+        if self.entry.plugin:
             try:
                 load_plugin_library(self.trt, find_plugin_library(self.plugin_library))
             except PluginError as exc:
-                raise BackendError(f"engine {self.entry['file']} uses the FocusScanRefine plugin: {exc}") from exc
+                raise BackendError(f"engine {self.entry.file} uses the pruning plugin: {exc}") from exc
         self.logger = make_logger(self.trt)
         self.runtime = t.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             errors = "; ".join(self.logger.errors())
-            raise BackendError(f"{self.trt.label} cannot load {self.entry['file']} ({errors}); "
+            raise BackendError(f"{self.trt.label} cannot load {self.entry.file} ({errors}); "
                                "engines are tied to the TensorRT version (and, for full TensorRT, the GPU) that "
                                "built them: run fsr-build again on this machine")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         missing = [n for n in self._inputs + self._outputs if n not in names]
         if missing:
-            raise BackendError(f"engine {self.entry['file']} lacks tensor(s) {missing} of graph {self.name!r}; "
+            raise BackendError(f"engine {self.entry.file} lacks tensor(s) {missing} of graph {self.name!r}; "
                                "run fsr-build again")
         dtypes = _torch_dtypes(t)
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
-        self.profiles = [Profile.from_json(p) for p in self.entry["profiles"]]
+        self.profiles = [Profile.from_json(p) for p in self.entry.profiles]
         if len(self.profiles) != self.engine.num_optimization_profiles:
-            raise BackendError(f"engine {self.entry['file']} has {self.engine.num_optimization_profiles} profiles, "
+            raise BackendError(f"engine {self.entry.file} has {self.engine.num_optimization_profiles} profiles, "
                                f"the manifest records {len(self.profiles)}; run fsr-build again")
         self._dummy = torch.empty(1, dtype=torch.uint8, device=self.device)  # address for empty tensors
 
@@ -111,7 +108,7 @@ class TensorRTRunner(Runner):
             else:
                 context = self.engine.create_execution_context()
             if context is None:
-                raise BackendError(f"cannot create an execution context for {self.entry['file']} "
+                raise BackendError(f"cannot create an execution context for {self.entry.file} "
                                    f"({'; '.join(self.logger.errors())}); out of GPU memory?")
             context.set_optimization_profile_async(index, stream)
             self.contexts[index] = context
@@ -120,8 +117,6 @@ class TensorRTRunner(Runner):
     # -- inference -----------------------------------------------------------------------
 
     def _to_device(self, name: str, value):
-        import torch
-
         dtype = self.dtypes[name]
         tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
         if tensor.device.type != "cuda" or tensor.dtype != dtype:
@@ -141,8 +136,6 @@ class TensorRTRunner(Runner):
         return tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr()
 
     def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
         stream = torch.cuda.current_stream(self.device)
         inputs = {n: self._to_device(n, v) for n, v in feed_dict.items()}
         shapes = {n: tuple(v.shape) for n, v in inputs.items()}
@@ -160,8 +153,6 @@ class TensorRTRunner(Runner):
         return outputs
 
     def _bind(self, context, inputs: dict, shapes: dict) -> dict:
-        import torch
-
         for name, tensor in inputs.items():
             if not context.set_input_shape(name, shapes[name]):
                 raise BackendError(f"graph {self.name!r}: TensorRT rejects shape {list(shapes[name])} for {name!r}")
@@ -178,8 +169,6 @@ class TensorRTRunner(Runner):
 
     def _capture(self, key, context, inputs: dict, shapes: dict) -> None:
         """Capture this decode step's enqueue into a CUDA graph over static buffers (full TensorRT)."""
-        import torch
-
         static_in = {n: t.clone() for n, t in inputs.items()}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -208,53 +197,46 @@ class TensorRTBackend(Backend):
 
     name = "trt"
 
-    def __init__(self, export_dir: Path, manifest: dict, precision: str | None = None, plugin: bool | None = None,
-                 cuda_graphs: bool = False, plugin_library: Path | None = None, device: str = "cuda"):
+    loads_graph_files = False  # it loads engines; each engine's hash and its ONNX's are checked instead
+
+    def __init__(self, export_dir: Path, manifest: Manifest, precision: str | None = None,
+                 plugin: bool | None = None, cuda_graphs: bool = False, plugin_library: Path | None = None,
+                 device: str = "cuda"):
         super().__init__(export_dir, manifest)
         require_gpu()
-        from fsr.engines.trt_import import TensorRTMissing, import_tensorrt
-
         self.precision, self.plugin, self.cuda_graphs = precision, plugin, cuda_graphs
         self.plugin_library, self.device = plugin_library, device
-        if not manifest.get("engines"):
+        if not manifest.engines:
             raise BackendError(f"{export_dir} has no TensorRT engines; build them first: fsr-build {export_dir}")
-        flavours = {e["tensorrt"]["flavour"] for e in manifest["engines"].values()}
+        flavours = {e.tensorrt["flavour"] for e in manifest.engines.values()}
         try:
             self.trt = import_tensorrt(flavours.pop() if len(flavours) == 1 else None)
         except TensorRTMissing as exc:
             raise BackendError(str(exc)) from exc
 
     def runner(self, graph: str) -> TensorRTRunner:
-        from fsr.engines.records import check_engine_fresh
-        from fsr.export.manifest import ManifestError
-
-        entry_graph = self.manifest["graphs"].get(graph)
+        entry_graph = self.manifest.graphs.get(graph)
         if entry_graph is None:
-            raise BackendError(f"the export has no {graph!r} graph (it has {', '.join(self.manifest['graphs'])})")
+            raise BackendError(f"the export has no {graph!r} graph (it has {', '.join(self.manifest.graphs)})")
         # ``plugin`` concerns the graphs that have a plugin form (vision); the others have one engine kind
-        plugin = self.plugin if graph in (self.manifest.get("plugin_graphs") or {}) else None
+        plugin = self.plugin if graph in self.manifest.plugin_graphs else None
         try:
             entry = check_engine_fresh(self.manifest, self.export_dir, graph, self.precision, plugin)
         except ManifestError as exc:
             raise BackendError(str(exc)) from exc
-        built = entry["tensorrt"]
+        built = entry.tensorrt
         if (built["flavour"], built["version"]) != (self.trt.flavour, self.trt.version):
-            raise BackendError(f"engine {entry['file']} was built with {built['flavour']} {built['version']}, this "
+            raise BackendError(f"engine {entry.file} was built with {built['flavour']} {built['version']}, this "
                                f"machine has {self.trt.label}; run fsr-build again")
-        return TensorRTRunner(graph, self.export_dir / entry["file"], entry, self.trt,
-                              inputs=[i["name"] for i in entry_graph["inputs"]],
-                              outputs=[o["name"] for o in entry_graph["outputs"]],
-                              cuda_graphs=self.cuda_graphs and graph in _decoder_graphs(self.manifest),
+        return TensorRTRunner(graph, self.manifest.resolve(self.export_dir, entry.file), entry, self.trt,
+                              inputs=entry_graph.input_names, outputs=entry_graph.output_names,
+                              cuda_graphs=self.cuda_graphs and graph in self.manifest.segment_graphs,
                               plugin_library=self.plugin_library, device=self.device)
 
     def from_host(self, array: np.ndarray):
-        import torch
-
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
 
     def to_host(self, array) -> np.ndarray:
-        import torch
-
         if isinstance(array, torch.Tensor):
             if array.dtype == torch.bfloat16:
                 array = array.float()
@@ -262,20 +244,10 @@ class TensorRTBackend(Backend):
         return np.asarray(array)
 
     def synchronize(self) -> None:
-        import torch
-
         torch.cuda.synchronize(self.device)
-
-
-def _decoder_graphs(manifest: dict) -> set[str]:
-    return {s["graph"] for s in manifest.get("decoder_segments") or []}
 
 
 def require_gpu() -> None:
     """Raise `BackendError` unless PyTorch sees a CUDA GPU."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise BackendError(f"the TensorRT backend needs PyTorch with CUDA ({exc})") from exc
     if not torch.cuda.is_available():
         raise BackendError(GPU_MESSAGE)

@@ -6,20 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fsr.export import ExportSettings, export_model
+from fsr.models import load_model
+
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from fsr.models.llava import load_model
-
     return load_model("tiny")
 
 
-def _export(tmp_path_factory, name, **settings):
-    from fsr.export.llava import ExportSettings, export_llava
-    from fsr.models.llava import load_model
-
+def _export(tmp_path_factory, name, method, **settings):
     out = tmp_path_factory.mktemp("exports") / name
-    export_llava(load_model("tiny"), out, ExportSettings(**settings))
+    export_model(load_model("tiny"), out, ExportSettings(method, **settings))
     return out
 
 

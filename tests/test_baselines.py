@@ -312,8 +312,12 @@ def test_fidelity_lists_every_method(export_fsr64, tmp_path):
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     fidelity = json.loads(report_path.read_text())["fidelity"]
     assert fidelity["methods"] == list(PRUNING_METHODS)
-    assert fidelity["method_settings"]["fsr"] == fidelity["fsr_settings"]
-    assert all(fidelity["method_settings"][m] == {} for m in BASELINES)
+    from fsr.manifest import read_manifest
+
+    fsr_settings = {k: v for k, v in read_manifest(export_fsr64).method.settings.items() if k != "budget"}
+    assert fidelity["method_settings"]["fsr"] == fsr_settings  # the export's own settings, budget aside
+    assert fidelity["method_settings"]["random"] == {"seed": 0}  # the baselines' defaults
+    assert all(fidelity["method_settings"][m] == {} for m in BASELINES if m != "random")
     rows = {(r["method"], r["budget"]): r for r in fidelity["rows"]}
     assert sorted(rows) == sorted((m, b) for m in PRUNING_METHODS for b in (576, 64))
     for (method, budget), row in rows.items():

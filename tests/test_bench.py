@@ -58,14 +58,18 @@ def test_prefill_bytes_and_kv_cache_match_a_hand_count():
 
 
 def test_dims_from_the_tiny_config_match_the_manifest(tiny_model, export_none):
-    from fsr.export.manifest import read_manifest
+    from fsr.manifest import read_manifest
+    from fsr.models import get_spec
 
-    dims = analytic.LLMDims.from_config(tiny_model.llava.config.text_config)
-    llm = read_manifest(export_none)["llm"]
+    spec = get_spec("llava")
+    dims = spec.llm_dims(tiny_model.model.config)
+    llm = read_manifest(export_none).llm
     assert (dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.hidden_size, dims.vocab_size) == (
-        llm["num_layers"], llm["num_kv_heads"], llm["head_dim"], llm["hidden_size"], llm["vocab_size"])
-    vision = analytic.VisionDims.from_config(tiny_model.llava.config)
-    assert vision.num_patches == 576 and vision.layers_used == 3  # 4 layers, feature layer -2
+        llm.num_layers, llm.num_kv_heads, llm.head_dim, llm.hidden_size, llm.vocab_size)
+    assert dims == llm and dims == analytic.LLMDims(2, 64, 4, 2, 16, 128, 261, 4096)
+    vision = spec.vision_dims(tiny_model.model.config)
+    assert vision.tokens_per_crop == 576 and vision.layers_used == 3  # 4 layers, feature layer -2
+    assert vision == read_manifest(export_none).vision
 
 
 def test_roofline_picks_the_binding_limit():
@@ -227,11 +231,11 @@ def test_torch_backend_runs_an_export_like_onnx_runtime(export_fsr64, images, pr
         outputs = []
         for target in (ort_target, torch_target):
             pipe = target.pipeline
-            pixels, rows, instructions = pipe.prepare(images[:2], prompts[:2])
-            outputs.append(pipe.vision(pixels, pipe.instruction_embeds(instructions)))
-        (ort_tokens, ort_kept), (torch_tokens, torch_kept) = outputs
-        np.testing.assert_array_equal(torch_kept, ort_kept)
-        np.testing.assert_allclose(torch_tokens, ort_tokens, atol=1e-4, rtol=1e-4)
+            request = pipe.prepare(images[:2], prompts[:2])
+            outputs.append(pipe.vision_outputs(request, pipe.instruction_embeds(request.instructions)))
+        ort_out, torch_out = outputs
+        np.testing.assert_array_equal(torch_out["kept_indices"], ort_out["kept_indices"])
+        np.testing.assert_allclose(torch_out["image_tokens"], ort_out["image_tokens"], atol=1e-4, rtol=1e-4)
         settings = harness.BenchSettings(batches=[2], warmup=0, repeat=1, new_tokens=2)
         row = harness.measure(torch_target, 2, settings)
         assert row["timings_ms"]["fsr_op"]["median"] > 0 and row["seq_len"] - row["prompt_tokens"] == 64
@@ -261,16 +265,18 @@ def test_7b_preset_builds_on_the_meta_device_in_fp16(tmp_path):
     import torch
 
     from fsr.bench.targets import BenchError, targets_from_preset
-    from fsr.runtime.torch_backend import TorchBackend, build_model, model_manifest
+    from fsr.export import ExportSettings, describe
+    from fsr.models import load_model
+    from fsr.runtime.torch_backend import TorchBackend
 
-    loaded = build_model("llava-1.5-7b", device="meta", dtype="fp16")
-    params = list(loaded.llava.parameters())
+    loaded = load_model("llava-1.5-7b", device="meta", dtype=torch.float16)
+    params = list(loaded.model.parameters())
     assert all(p.device.type == "meta" and p.dtype == torch.float16 for p in params)
     assert 6.5e9 < sum(p.numel() for p in params) < 7.5e9
-    manifest = model_manifest(loaded, method="fsr", budget=64, dtype="fp16")
-    assert manifest["relevance"]["source"] == "clip" and manifest["kept_image_tokens"] == 64
+    manifest = describe(loaded, ExportSettings("fsr", budget=64, dtype="fp16"))
+    assert manifest.relevance.source == "clip" and manifest.image.kept_image_tokens == 64
     backend = TorchBackend.from_model(loaded, manifest, device="meta")
-    runners = {name: backend.runner(name) for name in ("vision", "embed", "decoder", "text_encoder", "fsr")}
+    runners = {name: backend.runner(name) for name in ("vision", "embed", "decoder", "text_encoder", "pruning_op")}
     assert runners["decoder"].input_names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
     assert len(runners["decoder"].input_names) == 3 + 2 * 32 and runners["vision"].output_names[1] == "kept_indices"
     if not torch.cuda.is_available():
@@ -283,17 +289,22 @@ def test_7b_preset_builds_on_the_meta_device_in_fp16(tmp_path):
 
 def test_preset_exports_are_made_once_and_reused(tmp_path):
     from fsr.bench.targets import ensure_preset_exports
-    from fsr.export.manifest import FORMAT_VERSION, write_manifest
+    from fsr.export import describe
+    from fsr.manifest import FileRecord, sha256, write_manifest
+    from fsr.models import load_model
 
     calls = []
+    tiny = load_model("tiny", device="meta")  # shapes only: the manifests are real, the exports are not
 
     def exporter(loaded, output, settings, force=False):
-        calls.append((settings.method, settings.budget if settings.method != "none" else None))
+        calls.append((settings.method, settings.budget))
         assert force or not output.exists()
         output.mkdir(parents=True, exist_ok=True)
-        write_manifest(output, {"format_version": FORMAT_VERSION, "graphs": {}, "model": {"preset": "tiny"},
-                                "dtype": settings.dtype, "method": settings.method,
-                                "budget": settings.budget if settings.method != "none" else None})
+        manifest = describe(tiny, settings)
+        for name, graph in manifest.graphs.items():  # placeholder graph files, hashed like real ones
+            (output / f"{name}.onnx").write_bytes(name.encode())
+            graph.files = [FileRecord(f"{name}.onnx", sha256(output / f"{name}.onnx"))]
+        write_manifest(output, manifest)
 
     def loader(name, dtype, seed):
         return object()
@@ -301,7 +312,7 @@ def test_preset_exports_are_made_once_and_reused(tmp_path):
     first = ensure_preset_exports("tiny", [64, 600, 128], tmp_path, exporter=exporter, loader=loader)
     assert calls == [("none", None), ("fsr", 128), ("fsr", 64)]
     assert [r["budget"] for r in first] == [576, 128, 64] and not any(r["reused"] for r in first)
-    assert first[0]["path"].endswith("tiny-fp32-seed0/none")
+    assert first[0]["path"].endswith("llava-tiny-fp32-seed0/none")
     second = ensure_preset_exports("tiny", [576, 64], tmp_path, exporter=exporter, loader=loader)
     assert len(calls) == 3 and all(r["reused"] for r in second)
     again = ensure_preset_exports("tiny", [64], tmp_path, exporter=exporter, loader=loader, force=True)

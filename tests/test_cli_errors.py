@@ -61,18 +61,28 @@ def test_existing_output_needs_force(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def fail_at_decoder(monkeypatch):
+    """Make the exporter fail when it traces the decoder (after the other graphs are written)."""
+    import fsr.export.exporter as exporter
+
+    trace = exporter.trace_graph
+
+    def boom(graph, root):
+        if graph.role == "decoder":
+            raise RuntimeError("simulated failure while tracing the decoder")
+        return trace(graph, root)
+
+    monkeypatch.setattr(exporter, "trace_graph", boom)
+
+
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     """A failure midway (here: tracing the decoder) removes the temporary folder."""
-    import fsr.export.llava as llava_export
+    from fsr.export import ExportSettings, export_model
+    from fsr.models import load_model
 
-    def boom(*a, **k):
-        raise RuntimeError("simulated failure while tracing the decoder")
-
-    monkeypatch.setattr(llava_export, "_export_decoder", boom)
-    from fsr.models.llava import load_model
-
+    fail_at_decoder(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated"):
-        llava_export.export_llava(load_model("tiny"), tmp_path / "x", llava_export.ExportSettings(method="none"))
+        export_model(load_model("tiny"), tmp_path / "x", ExportSettings("none"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -80,15 +90,15 @@ def test_force_replaces_only_after_success(tmp_path, monkeypatch, export_none):
     """--force with a failing export keeps the old export intact."""
     import shutil
 
-    import fsr.export.llava as llava_export
-    from fsr.models.llava import load_model
+    from fsr.export import ExportSettings, export_model
+    from fsr.models import load_model
 
     out = tmp_path / "export"
     shutil.copytree(export_none, out)
     before = (out / "manifest.json").read_text()
-    monkeypatch.setattr(llava_export, "_export_decoder", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    fail_at_decoder(monkeypatch)
     with pytest.raises(RuntimeError):
-        llava_export.export_llava(load_model("tiny"), out, llava_export.ExportSettings(method="none"), force=True)
+        export_model(load_model("tiny"), out, ExportSettings("none"), force=True)
     assert (out / "manifest.json").read_text() == before
     assert no_partial(tmp_path)
 

@@ -44,11 +44,11 @@ def graph(report, name, backend="ort"):
 
 @pytest.fixture(scope="module")
 def export_fp16(tmp_path_factory):
-    from fsr.export.llava import ExportSettings, export_llava
-    from fsr.models.llava import load_model
+    from fsr.export import ExportSettings, export_model
+    from fsr.models import load_model
 
     out = tmp_path_factory.mktemp("exports") / "fsr64-fp16"
-    export_llava(load_model("tiny"), out, ExportSettings(method="fsr", budget=64, dtype="fp16"))
+    export_model(load_model("tiny"), out, ExportSettings("fsr", budget=64, dtype="fp16"))
     return out
 
 
@@ -150,8 +150,10 @@ def test_corrupted_decoder_weight_fails_naming_graph_and_output(export_fsr64, tm
     onnx.save(model, export / "decoder.onnx")
 
     report_path = tmp_path / "report.json"
+    refused = cli(export, "--backends", "torch,ort", "--no-fidelity")  # verified first, like fsr-run
+    assert refused.exit_code == 2 and "graph 'decoder'" in refused.output and "changed since export" in refused.output
     result = cli(export, "--backends", "torch,ort", "--graphs", "decoder", "--no-fidelity", "--no-end-to-end",
-                 "--out", tmp_path / "polygraphy", "--json", report_path)
+                 "--out", tmp_path / "polygraphy", "--json", report_path, "--no-verify")
     assert result.exit_code == 1, result.output
     report = json.loads(report_path.read_text())
     assert not report["passed"]
@@ -166,7 +168,7 @@ def test_corrupted_decoder_weight_fails_naming_graph_and_output(export_fsr64, tm
 
 
 def fsr64_untouched(export_dir) -> bool:
-    from fsr.export.manifest import read_manifest
+    from fsr.manifest import read_manifest
 
     read_manifest(export_dir, verify=True)  # raises when a file changed
     return True
@@ -201,7 +203,7 @@ def test_fidelity_json_on_tiny_export(cli_none):
 
 
 def test_trt_skipped_with_reason_or_run(report_fsr64, export_fsr64):
-    from fsr.export.manifest import read_manifest
+    from fsr.manifest import read_manifest
 
     trt_graphs = [g for g in report_fsr64["graphs"] if g["backend"] == "trt"]
     [trt_e2e] = [e for e in report_fsr64["end_to_end"] if e["backend"] == "trt"]
@@ -224,9 +226,9 @@ def swapped_kept_runner(reference, manifest):
     """A stand-in back end for the vision graph: the reference's outputs, except that row 0 of every
     iteration keeps one other token (its last kept index replaced by the first dropped one) and so
     gets other image tokens."""
-    from fsr.compare.torch_runner import TorchRunner
+    from fsr.compare.reference_runner import ReferenceRunner
 
-    class Swapped(TorchRunner):
+    class Swapped(ReferenceRunner):
         def infer_impl(self, feed_dict):
             out = super().infer_impl(feed_dict)
             kept = out["kept_indices"].copy()
@@ -245,8 +247,8 @@ def test_differing_kept_indices_fail_unless_near_tie(export_fsr64, tmp_path, mon
     from fsr.compare import graphs as graphs_module
     from fsr.compare.feeds import graph_feeds
     from fsr.compare.samples import make_samples
-    from fsr.compare.torch_runner import ReferenceFromExport
-    from fsr.export.manifest import read_manifest
+    from fsr.compare.reference_runner import ReferenceFromExport
+    from fsr.manifest import read_manifest
 
     manifest = read_manifest(export_fsr64)
     reference = ReferenceFromExport(export_fsr64)
@@ -371,14 +373,14 @@ def test_sequence_agreement_helpers():
     assert agreement([1, 2], [1, 2, 7, 8]) == 0.5 and first_difference([1, 2], [1, 2, 7]) == 2
 
 
-def test_torch_runner_is_a_polygraphy_runner(export_fsr64):
+def test_reference_runner_is_a_polygraphy_runner(export_fsr64):
     from polygraphy.backend.base import BaseRunner
 
-    from fsr.compare import ReferenceFromExport, TorchRunner
-    from fsr.export.manifest import read_manifest
+    from fsr.compare import ReferenceFromExport, ReferenceRunner
+    from fsr.manifest import read_manifest
 
     manifest = read_manifest(export_fsr64)
-    runner = TorchRunner(ReferenceFromExport(export_fsr64), manifest, "embed")
+    runner = ReferenceRunner(ReferenceFromExport(export_fsr64), manifest, "embed")
     assert isinstance(runner, BaseRunner)
     with runner:
         out = runner.infer({"input_ids": np.array([[1, 2, 3]], dtype=np.int64)})

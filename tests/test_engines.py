@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from fsr.engines.precision import cast_to_precision, convert_onnx_file
 from fsr.engines.profiles import ProfileError, graph_profiles
 from fsr.engines.records import StaleEngineError, check_engine_fresh, select_engine
-from fsr.export.manifest import ManifestError, read_manifest, sha256
+from fsr.manifest import Manifest, ManifestError, read_manifest, sha256
 
 MAX_BATCH, MAX_SEQ = 2, 128
 
@@ -155,8 +155,8 @@ def test_profiles_from_manifest(export_fsr64):
     [vision] = graph_profiles(manifest, "vision", MAX_BATCH, MAX_SEQ)
     assert vision.shapes["pixel_values"] == ([1, 3, 336, 336], [1, 3, 336, 336], [2, 3, 336, 336])
 
-    bad = json.loads(json.dumps(manifest))
-    bad["graphs"]["embed"]["inputs"][0]["shape"][1] = "tokens"
+    bad = Manifest.from_json(manifest.to_json())
+    bad.graphs["embed"].inputs[0].shape[1] = "tokens"
     with pytest.raises(ProfileError, match="'tokens'"):
         graph_profiles(bad, "embed", MAX_BATCH, MAX_SEQ)
     with pytest.raises(ProfileError, match="--max-seq"):
@@ -208,23 +208,23 @@ def test_every_graph_has_engines_recorded_with_source_hashes(which, request):
     manifest = read_manifest(export, verify=True)  # building left the export's graphs intact
     precisions = ("fp32", "fp16")
     report = json.loads((export / "engines" / "build_report.json").read_text())
-    for graph, g in manifest["graphs"].items():
+    for graph, g in manifest.graphs.items():
         for precision in precisions:
             name = f"{graph}.{precision}"
-            entry = manifest["engines"][name]
-            engine = export / entry["file"]
-            assert entry["file"] == f"engines/{graph}.{precision}.engine" and engine.stat().st_size > 10_000
-            assert entry["size_bytes"] == engine.stat().st_size and entry["sha256"] == sha256(engine)
-            assert entry["source"]["file"] == g["file"]
-            assert entry["source"]["files"] == {g["file"]: sha256(export / g["file"])}
-            assert entry["tensorrt"] == {"flavour": trt.flavour, "version": trt.version}
-            assert entry["profiles"] and not entry["plugin"]
+            entry = manifest.engines[name]
+            engine = export / entry.file
+            assert entry.file == f"engines/{graph}.{precision}.engine" and engine.stat().st_size > 10_000
+            assert entry.size_bytes == engine.stat().st_size and entry.sha256 == sha256(engine)
+            assert entry.source.file == g.file
+            assert entry.source.files == {g.file: sha256(export / g.file)}
+            assert entry.tensorrt == {"flavour": trt.flavour, "version": trt.version}
+            assert entry.profiles and not entry.plugin
             if precision == "fp16":
-                assert entry["low_precision_nodes"] > 0
+                assert entry.low_precision_nodes > 0
             row = report["engines"][name]
-            assert row["precision"] == precision and row["size_bytes"] == entry["size_bytes"]
+            assert row["precision"] == precision and row["size_bytes"] == entry.size_bytes
             assert row["build_seconds"] > 0 and row["flavour"] == trt.flavour and row["version"] == trt.version
-            assert row["profiles"] == entry["profiles"]
+            assert row["profiles"] == entry.profiles
             assert check_engine_fresh(manifest, export, graph, precision) == entry
     assert set(report["last_run"]) >= {"tensorrt", "timing_cache", "precision", "total_seconds"}
     if trt.has_timing_cache:
@@ -235,12 +235,12 @@ def test_every_graph_has_engines_recorded_with_source_hashes(which, request):
 
 def test_plugin_graph_is_written_and_recorded(built_fsr64, built_none):
     manifest = read_manifest(built_fsr64)
-    record = manifest["plugin_graphs"]["vision"]
-    assert record["file"] == "vision.plugin.onnx" and record["nodes"] == 1
-    assert record["files"] == {"vision.plugin.onnx": sha256(built_fsr64 / "vision.plugin.onnx")}
-    assert record["source_files"] == {"vision.onnx": sha256(built_fsr64 / "vision.onnx")}
-    assert record["plugin"] == {"name": "FocusScanRefine", "version": "1", "namespace": "fsr"}
-    assert "plugin_graphs" not in read_manifest(built_none)  # --method none: nothing to turn into a plugin
+    record = manifest.plugin_graphs["vision"]
+    assert record.file == "vision.plugin.onnx" and record.nodes == 1
+    assert record.files == {"vision.plugin.onnx": sha256(built_fsr64 / "vision.plugin.onnx")}
+    assert record.source_files == {"vision.onnx": sha256(built_fsr64 / "vision.onnx")}
+    assert record.plugin == {"name": "FocusScanRefine", "version": "1", "namespace": "fsr"}
+    assert not read_manifest(built_none).plugin_graphs  # --method none: nothing to turn into a plugin
 
 
 def test_plugin_build_refused_clearly_where_it_cannot_work(built_fsr64, built_none):
@@ -260,11 +260,11 @@ def test_plugin_build_refused_clearly_where_it_cannot_work(built_fsr64, built_no
 def test_rebuild_replaces_the_entry(built_none):
     from fsr.engines.builder import BuildSettings, build_engines
 
-    before = read_manifest(built_none)["engines"]
+    before = read_manifest(built_none).engines
     build_engines(built_none, BuildSettings(precision="fp32", max_batch=1, max_seq=MAX_SEQ, graphs=("embed",)))
-    after = read_manifest(built_none)["engines"]
+    after = read_manifest(built_none).engines
     assert set(after) == set(before)
-    assert after["embed.fp32"]["max_batch"] == 1 and after["decoder.fp32"] == before["decoder.fp32"]
+    assert after["embed.fp32"].max_batch == 1 and after["decoder.fp32"] == before["decoder.fp32"]
 
 
 def test_changed_onnx_makes_the_engine_stale(built_none, tmp_path):
@@ -285,3 +285,16 @@ def test_changed_onnx_makes_the_engine_stale(built_none, tmp_path):
         check_engine_fresh(manifest, export, "embed", "fp32")
     with pytest.raises(ManifestError, match="run fsr-build first"):
         select_engine(manifest, "decoder", "bf16")
+
+
+def test_a_changed_engine_file_is_refused(built_none, tmp_path):
+    export = tmp_path / "copy"
+    shutil.copytree(built_none, export)
+    manifest = read_manifest(export)
+    engine = export / manifest.engines["embed.fp32"].file
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    with pytest.raises(StaleEngineError, match=r"embed.fp32.engine refused: the file changed since fsr-build"):
+        check_engine_fresh(manifest, export, "embed", "fp32")
+    check_engine_fresh(manifest, export, "decoder", "fp32")

@@ -31,10 +31,11 @@ def reference(export_fsr64):
 
 def test_manifest_records_the_method(export_fsr64, pipe):
     m = pipe.manifest
-    assert (m["method"], m["budget"], m["kept_image_tokens"], m["num_image_tokens"]) == ("fsr", 64, 64, 576)
-    assert m["relevance"]["source"] == "clip" and "text_encoder" in m["graphs"]
-    assert [o["name"] for o in m["graphs"]["vision"]["outputs"]] == ["image_tokens", "kept_indices"]
-    assert m["graphs"]["vision"]["outputs"][0]["shape"] == ["batch", 64, 64]
+    assert (m.method.name, m.method.settings["budget"], m.image.kept_image_tokens, m.image.num_image_tokens) == (
+        "fsr", 64, 64, 576)
+    assert m.relevance.source == "clip" and "text_encoder" in m.graphs
+    assert m.graphs["vision"].output_names == ["image_tokens", "kept_indices"]
+    assert m.graphs["vision"].outputs[0].shape == ["batch", 64, 64]
 
 
 @pytest.mark.parametrize("i", range(3))
@@ -55,12 +56,14 @@ def test_batch2_matches_reference_pipeline(pipe, reference, images, prompts):
 def test_pruning_changes_what_the_llm_sees(export_fsr64, export_none, images, prompts):
     """Sanity: the pruned export differs from the unpruned one (the op is really in the graph)."""
     with Pipeline(export_none) as full:
-        pixels, _, instr = full.prepare([images[0]], [prompts[0]])
-        tokens_full, _ = full.vision(pixels, full.instruction_embeds(instr))
+        request = full.prepare([images[0]], [prompts[0]])
+        unpruned = full.vision(request, full.instruction_embeds(request.instructions))
     with Pipeline(export_fsr64) as pruned:
-        tokens, kept = pruned.vision(pixels, pruned.instruction_embeds(instr))
-    assert tokens_full.shape[1] == 576 and tokens.shape[1] == 64
-    assert list(kept[0]) == sorted(set(kept[0].tolist()))
+        features = pruned.vision(request, pruned.instruction_embeds(request.instructions))
+    [[tokens_full]], [[tokens]], [kept] = unpruned.embeddings, features.embeddings, features.kept_indices
+    assert unpruned.kept_indices is None
+    assert tokens_full.shape[0] == 576 and tokens.shape[0] == 64
+    assert kept == sorted(set(kept))
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +110,15 @@ def test_llm_embedding_relevance_fallback(tmp_path, export_none, images, prompts
     """A checkpoint folder exported with the spec's fallback relevance (no CLIP text tower):
     the manifest records it, no text encoder is exported, and the exported pipeline still
     generates exactly what the PyTorch reference pipeline generates."""
-    from fsr.export.llava import ExportSettings, export_llava
-    from fsr.models.llava import load_model
+    from fsr.export import ExportSettings, export_model
+    from fsr.models import load_model
 
     out = tmp_path / "fallback"
-    export_llava(load_model(str(export_none / "source")), out,
-                 ExportSettings(method="fsr", budget=32, relevance="llm"))
+    export_model(load_model(str(export_none / "source")), out, ExportSettings("fsr", budget=32, relevance="llm"))
     with Pipeline(out) as pipe:
         m = pipe.manifest
-        assert m["relevance"]["source"] == "llm-embedding-mean" and "text_encoder" not in m["graphs"]
-        assert m["model"]["path"] == str(export_none / "source")
+        assert m.relevance.source == "llm-embedding-mean" and "text_encoder" not in m.graphs
+        assert m.model.path == str(export_none / "source")
         got = pipe.generate(images[:2], prompts[:2], max_new_tokens=6)
     want = ReferencePipeline.from_export(out).generate(images[:2], prompts[:2], max_new_tokens=6)
     assert [g.kept_indices for g in got] == [w.kept_indices for w in want]

@@ -63,6 +63,6 @@ def test_source_checkpoint_loads_back(export_none, tiny_model):
     from transformers import LlavaForConditionalGeneration
 
     reloaded = LlavaForConditionalGeneration.from_pretrained(export_none / "source")
-    ref = tiny_model.llava.state_dict()
+    ref = tiny_model.model.state_dict()
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, ref[name]), name

@@ -107,15 +107,15 @@ def test_tensorrt_parser_looks_the_node_up_as_a_plugin(export_fsr64, tmp_path, c
 
 def test_write_plugin_graph_records_it_once(export_fsr64, export_none, tmp_path):
     from fsr.engines.plugin_graph import write_plugin_graph
-    from fsr.export.manifest import read_manifest, sha256
+    from fsr.manifest import read_manifest, sha256
 
     export = tmp_path / "fsr64"
     shutil.copytree(export_fsr64, export)
     manifest = read_manifest(export)
     record = write_plugin_graph(export, manifest)
-    path = export / record["file"]
-    assert read_manifest(export)["plugin_graphs"]["vision"] == record == manifest["plugin_graphs"]["vision"]
-    assert record["files"] == {"vision.plugin.onnx": sha256(path)}
+    path = export / record.file
+    assert read_manifest(export).plugin_graphs["vision"] == record == manifest.plugin_graphs["vision"]
+    assert record.files == {"vision.plugin.onnx": sha256(path)}
     mtime = path.stat().st_mtime_ns
     assert write_plugin_graph(export, read_manifest(export)) == record and path.stat().st_mtime_ns == mtime
     check_plugin_model(onnx.load(path))

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from fsr.export.manifest import read_manifest
+from fsr.manifest import read_manifest
 from fsr.runtime.backend import BackendError, get_backend
 
 MAX_BATCH, MAX_SEQ = 2, 256

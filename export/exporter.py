@@ -1,0 +1,253 @@
+"""Export a model of any registered family to ONNX graphs with its pruning method inside.
+
+::
+
+    loaded = load_model("tiny")                                   # fsr.models
+    export_model(loaded, "exports/tiny-b64", ExportSettings("fsr", budget=64))
+
+The family's spec (`fsr.models.spec.ModelSpec`) says which graphs exist and which module
+is traced for each; the method (`fsr.pruning.methods`) says which vision-tower outputs it
+reads and puts its op into the vision graph. The export folder::
+
+    manifest.json        what is here, how it was made, hashes (fsr.manifest.Manifest)
+    source/              the source model as a standard HF checkpoint (+ processor, + clip/)
+    vision.onnx          pixels (+ instruction embedding) -> image_tokens [B,K,H] (+ kept_indices)
+    embed.onnx           token ids -> LLM input embeddings
+    decoder.onnx         prefill and decode (or decoder_0.onnx, ... per segment)
+    text_encoder.onnx    CLIP text tower (only when relevance comes from CLIP)
+
+Everything is written into a temporary folder beside the target and moved into place
+at the end, so a failure or an interrupt never leaves a half-written export behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import onnx.compose
+import onnx_graphsurgeon as gs
+import torch
+
+from fsr.export.output import ExportConfigError, commit_output, prepare_output
+from fsr.export.trace import trace_to_onnx
+from fsr.graph_passes import finalize
+from fsr.manifest import (
+    SOURCE_DIR, DecoderSegment, FileRecord, GraphEntry, ImageInfo, Manifest, MethodInfo, ModelInfo, SourceInfo,
+    TensorInfo, file_record, hash_folder, package_versions, write_manifest,
+)
+from fsr.models import get_spec
+from fsr.models.spec import CLIP_RELEVANCE, TORCH_DTYPES, GraphSpec, LoadedModel
+from fsr.onnx_io import save_onnx
+from fsr.pruning.methods import get_method, method_names
+from fsr.settings import DTYPES, Settings
+
+#: the vision graph's tensor between a method placed before the projector and the projector
+PRUNED_FEATURES = "pruned_features"
+
+
+
+class ExportSettings:
+    """What an export is made with: the pruning method and its settings, the dtype, decoder splits.
+
+    ``ExportSettings("fsr", budget=64)`` takes the method's options by keyword
+    (`fsr.pruning.methods`); ``settings=`` takes a method settings object instead.
+    ``decoder_splits``: LLM layer indices where the decoder is cut into segments.
+    """
+
+    def __init__(self, method: str = "fsr", *, dtype: str = "fp32", decoder_splits: tuple[int, ...] = (),
+                 settings: Settings | None = None, **options: Any):
+        self.method = method
+        self.dtype = dtype
+        self.decoder_splits = tuple(decoder_splits)
+        pruning = get_method(method)
+        self.method_settings = settings if settings is not None else pruning.settings(**options)
+        self.validate()
+
+    @property
+    def budget(self) -> int | None:
+        return get_method(self.method).budget(self.method_settings)
+
+    def validate(self) -> None:
+        method = get_method(self.method)
+        if not method.exportable:
+            raise ExportConfigError(f"method {self.method!r} has no in-graph form and cannot be exported; "
+                                    f"exportable methods: {', '.join(method_names(exportable=True))}")
+        if not isinstance(self.method_settings, method.Settings):
+            raise ExportConfigError(f"method {self.method!r} takes {method.Settings.__name__}, "
+                                    f"got {type(self.method_settings).__name__}")
+        self.method_settings.validate()
+        if self.dtype not in DTYPES:
+            raise ExportConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        splits = list(self.decoder_splits)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in splits) or splits != sorted(set(splits)):
+            raise ExportConfigError(f"decoder_splits must be increasing layer indices >= 1 (got {splits})")
+
+    def __repr__(self) -> str:
+        return (f"ExportSettings(method={self.method!r}, settings={self.method_settings!r}, dtype={self.dtype!r}, "
+                f"decoder_splits={self.decoder_splits!r})")
+
+
+def _noop(step: str) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
+    """The manifest of an export of ``loaded`` with ``settings``, before any file is written
+    (graph entries without files). The exporter fills in the files; the runtime's PyTorch back
+    end runs a model in memory from it directly."""
+    spec = get_spec(loaded.family)
+    method = get_method(settings.method)
+    config = loaded.config
+    llm, vision = spec.llm_dims(config), spec.vision_dims(config)
+    n_image = spec.num_image_tokens(config)
+    bounds = [0, *settings.decoder_splits, llm.num_layers]
+    if bounds != sorted(set(bounds)):
+        raise ExportConfigError(f"decoder_splits {list(settings.decoder_splits)} must lie inside the LLM's "
+                                f"{llm.num_layers} layers")
+    segments = [DecoderSegment("decoder" if len(bounds) == 2 else f"decoder_{s}", [a, b])
+                for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    relevance = spec.relevance_info(loaded, method.relevance_mode(settings.method_settings))
+    names = ["vision", "embed"] + (["text_encoder"] if relevance.source == CLIP_RELEVANCE else [])
+    names += [s.graph for s in segments]
+    return Manifest(
+        family=spec.name,
+        model=ModelInfo(loaded.source, loaded.path, loaded.preset, config.model_type, loaded.random_weights),
+        method=MethodInfo(method.name, settings.method_settings.to_json()),
+        dtype=settings.dtype,
+        llm=llm,
+        vision=vision,
+        image=ImageInfo(spec.image_token_id(config), n_image, method.kept_tokens(settings.method_settings, n_image)),
+        relevance=relevance,
+        decoder_segments=segments,
+        graphs={name: GraphEntry([], [], []) for name in names},
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        packages=package_versions(),
+    )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_model(loaded: LoadedModel, output: Path, settings: ExportSettings, *, force: bool = False,
+                 progress: Callable[[str], None] = _noop) -> Path:
+    """Export ``loaded`` into ``output`` (atomically). Returns the export folder."""
+    settings.validate()
+    output = Path(output)
+    tmp = prepare_output(output, force)
+    try:
+        _export_into(loaded, tmp, settings, progress)
+        progress("moving the export into place")
+        commit_output(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _in_dtype(loaded: LoadedModel, dtype) -> LoadedModel:
+    """``loaded`` in ``dtype``, leaving the caller's model as it was."""
+    if next(loaded.model.parameters()).dtype == dtype:
+        return loaded
+    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(dtype),
+                               clip=copy.deepcopy(loaded.clip).to(dtype) if loaded.clip is not None else None)
+
+
+def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, progress) -> None:
+    spec = get_spec(loaded.family)
+    loaded = _in_dtype(loaded, TORCH_DTYPES[settings.dtype])
+    manifest = describe(loaded, settings)
+
+    progress("saving the source model (HF checkpoint + processor)")
+    spec.save_source(loaded, root / SOURCE_DIR, spec.clip_subfolder)
+
+    paths: dict[str, Path] = {}
+    for graph in spec.graphs(loaded, manifest):
+        progress(_step(graph))
+        paths[graph.name] = trace_graph(graph, root)
+
+    progress("checking every graph (onnx.checker, full)")
+    for path in paths.values():
+        onnx.checker.check_model(str(path), full_check=True)
+
+    progress("writing manifest.json")
+    manifest.graphs = {name: graph_entry(path, root) for name, path in paths.items()}
+    manifest.source = SourceInfo(SOURCE_DIR, hash_folder(root, SOURCE_DIR))
+    write_manifest(root, manifest)
+
+
+def _step(graph: GraphSpec) -> str:
+    if graph.role == "decoder":
+        first, last = graph.module.start, graph.module.stop - 1
+        return f"tracing the {graph.name} graph (LLM layers {first}..{last}, prefill + decode)"
+    what = {"vision": "vision", "embed": "token-embedding", "text_encoder": "CLIP text-encoder"}[graph.role]
+    return f"tracing the {what} graph"
+
+
+def trace_graph(graph: GraphSpec, root: Path) -> Path:
+    """Trace one graph into ``root/<name>.onnx``; the vision graph then gets the method's op (and, for a
+    method that runs before the projector, the projector after it)."""
+    path = root / f"{graph.name}.onnx"
+    trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
+                  output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes)
+    if graph.attach is not None:
+        model = finalize(graph.attach(gs.import_onnx(onnx.load(path))))
+        if graph.projector is not None:
+            model = append_projector(model, graph.projector, root)
+        save_onnx(model, path)
+    return path
+
+
+def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.ModelProto:
+    """``model``'s first output (the pruned vision features [B, K, F] of a method placed before the
+    projector) through ``projector``, traced on its own and merged in: outputs ``image_tokens`` [B, K, H]
+    and the method's other outputs."""
+    graph = gs.import_onnx(model)
+    features = graph.outputs[0]
+    features.name = PRUNED_FEATURES
+    others = [t.name for t in graph.outputs[1:]]
+    model = gs.export_onnx(graph)
+    width = features.shape[-1]
+    if not isinstance(width, int):
+        raise ExportConfigError(f"the method's pruned features have no static width ({features.shape}); the "
+                                "projector cannot be traced after them")
+    dtype = next(projector.parameters()).dtype
+    tail_path = root / ".projector.onnx"
+    tokens = {0: torch.export.Dim("batch"), 1: torch.export.Dim("kept_tokens")}
+    try:
+        trace_to_onnx(projector, (torch.randn(2, 5, width, dtype=dtype),), tail_path, input_names=[PRUNED_FEATURES],
+                      output_names=["image_tokens"], dynamic_shapes=(tokens,))
+        tail = onnx.load(tail_path)
+    finally:
+        tail_path.unlink(missing_ok=True)
+    model.ir_version = tail.ir_version
+    merged = onnx.compose.merge_models(model, tail, io_map=[(PRUNED_FEATURES, PRUNED_FEATURES)],
+                                       prefix2="projector/", outputs=["projector/image_tokens", *others])
+    merged_graph = gs.import_onnx(merged)
+    by_name = {t.name: t for t in merged_graph.outputs}
+    tokens = by_name["projector/image_tokens"]
+    tokens.name = "image_tokens"
+    merged_graph.outputs = [tokens, *(by_name[n] for n in others)]
+    return finalize(merged_graph)
+
+
+def graph_entry(path: Path, root: Path) -> GraphEntry:
+    """Inputs, outputs, files and hashes of one written graph (its external data after it)."""
+    model = onnx.load(path, load_external_data=False)
+    data = path.with_name(path.name + ".data")
+    files: list[FileRecord] = [file_record(root, p) for p in [path, data] if p.is_file()]
+    return GraphEntry(files, [_tensor(v) for v in model.graph.input], [_tensor(v) for v in model.graph.output])
+
+
+def _tensor(v: onnx.ValueInfoProto) -> TensorInfo:
+    t = v.type.tensor_type
+    return TensorInfo(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                      [d.dim_param or d.dim_value for d in t.shape.dim])

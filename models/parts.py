@@ -1,0 +1,217 @@
+"""Traceable PyTorch building blocks shared by the model families.
+
+Each becomes (part of) an exported graph; the runtime's PyTorch back end and the
+comparisons' reference run the very same modules:
+
+- `VisionTower`: pixels (+ instruction embedding) -> named outputs a pruning method reads
+  (``tokens``, ``features``, ``saliency``, ``relevance``; see ``VISION_OUTPUTS``), for a
+  CLIP-style tower with a [CLS] token and a projector;
+- `VisionWithMethod`: the tower, a method's op, and the projector when the op runs before it;
+- `TokenEmbedding`, `ClipTextEncoder`;
+- `DecoderStep`: a contiguous range of decoder layers for one prefill or decode step
+  (embeddings, mask, positions, past key/values -> logits or hidden states, present key/values).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+#: Named vision-tower outputs a family can provide to a pruning method (per crop row):
+#: ``tokens`` [B,N,H] projector outputs; ``features`` [B,N,F] the patch features that feed
+#: the projector; ``saliency`` [B,N] the [CLS]-row attention of the feature layer, mean over
+#: heads, patch columns; ``relevance`` [B,N] cosine with the instruction embedding
+#: (``instruction_embeds`` [B,E], an extra graph input).
+VISION_OUTPUTS = ("tokens", "features", "saliency", "relevance")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row of a [B,N,E] with b [B,E] -> [B,N] (zero vectors give 0)."""
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (a * b[:, None, :]).sum(-1)
+
+
+class VisionTower(nn.Module):
+    """A CLIP-style vision tower with [CLS] up to its feature layer, then the projector.
+
+    ``forward(pixel_values[, instruction_embeds])`` returns the outputs named in
+    ``outputs`` (a subset of ``VISION_OUTPUTS``, in that order); ``instruction_embeds`` is
+    an input only when ``relevance`` is asked for. ``relevance`` is the CLIP joint-space
+    cosine when ``clip`` (a ``CLIPModel``) is given (``visual_projection(post_layernorm(
+    features))`` vs the text embedding), else the fallback: cosine between ``tokens`` and
+    the mean LLM input embedding of the instruction.
+    """
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, layer_index: int, outputs: tuple[str, ...],
+                 clip: nn.Module | None = None):
+        super().__init__()
+        unknown = [o for o in outputs if o not in VISION_OUTPUTS]
+        if unknown:
+            raise ValueError(f"unknown vision output(s) {unknown}; known: {', '.join(VISION_OUTPUTS)}")
+        self.outputs = tuple(o for o in VISION_OUTPUTS if o in outputs)
+        self.embeddings = tower.embeddings
+        self.pre_layrnorm = tower.pre_layrnorm
+        self.layer_index = layer_index
+        self.layers = nn.ModuleList(tower.encoder.layers[: layer_index + 1])
+        self.projector = projector
+        self.use_clip = clip is not None
+        if clip is not None:
+            self.post_layernorm = clip.vision_model.post_layernorm
+            self.visual_projection = clip.visual_projection
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["pixel_values"] + (["instruction_embeds"] if "relevance" in self.outputs else [])
+
+    def cls_saliency(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """[CLS]-row attention of ``layer`` (input ``hidden``), mean over heads, patch columns."""
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden)
+        b, n, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+        return probs.mean(dim=1)[:, 0, 1:]
+
+    def forward(self, pixel_values: torch.Tensor, instruction_embeds: torch.Tensor | None = None):
+        h = self.pre_layrnorm(self.embeddings(pixel_values))
+        saliency = None
+        for i, layer in enumerate(self.layers):
+            if i == self.layer_index and "saliency" in self.outputs:
+                saliency = self.cls_saliency(layer, h)
+            h = layer(h, None)
+        features = h[:, 1:]
+        out = {"features": features, "saliency": saliency}
+        if "tokens" in self.outputs or ("relevance" in self.outputs and not self.use_clip):
+            out["tokens"] = self.projector(features)
+        if "relevance" in self.outputs:
+            if self.use_clip:
+                image_side = self.visual_projection(self.post_layernorm(features))
+                out["relevance"] = cosine(image_side.float(), instruction_embeds.float())
+            else:
+                out["relevance"] = cosine(out["tokens"].float(), instruction_embeds.float())
+        result = tuple(out[name] for name in self.outputs)
+        return result[0] if len(result) == 1 else result
+
+
+class VisionWithMethod(nn.Module):
+    """The whole vision graph as PyTorch: tower outputs -> the method's op (-> projector).
+
+    ``op`` takes the tower's outputs positionally and returns ``(pruned, kept_indices)``
+    (or the tokens alone); with ``projector`` (a method placed before the projector) the
+    pruned features go through it.
+    """
+
+    def __init__(self, tower: VisionTower, op: nn.Module, projector: nn.Module | None = None):
+        super().__init__()
+        self.tower, self.op, self.projector = tower, op, projector
+
+    def forward(self, *inputs: torch.Tensor):
+        outs = self.tower(*inputs)
+        result = self.op(*(outs if isinstance(outs, tuple) else (outs,)))
+        if self.projector is not None:
+            if isinstance(result, tuple):
+                return (self.projector(result[0]), *result[1:])
+            return self.projector(result)
+        return result
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embed = embedding
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class ClipTextEncoder(nn.Module):
+    """Instruction ids [B,T] + mask -> CLIP joint-space text embedding [B,P]."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.text_model = clip.text_model
+        self.text_projection = clip.text_projection
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return self.text_projection(out.pooler_output)
+
+
+def past_names(layers: range) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+
+
+def present_names(layers: range) -> list[str]:
+    return [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
+
+
+class DecoderStep(nn.Module):
+    """Layers ``[start, stop)`` of a Hugging Face decoder LM for one prefill or decode step.
+
+    Inputs: ``inputs_embeds`` [B,S,H] (hidden states when ``start > 0``), ``attention_mask``
+    [B,P+S], ``position_ids`` [B,S], then a key and a value [B,kvh,P,hd] per layer.
+    Outputs: ``logits`` [B,S,V] (hidden states when ``stop`` < number of layers), then
+    the present key and value per layer. Each layer's KV length is its own dynamic
+    axis, so a method that drops image tokens after a layer can give later segments
+    shorter caches (with their own mask).
+    """
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, start: int = 0, stop: int | None = None):
+        super().__init__()
+        lm = language_model
+        self.config = lm.config
+        n = len(lm.layers)
+        self.start, self.stop = start, n if stop is None else stop
+        if not 0 <= self.start < self.stop <= n:
+            raise ValueError(f"decoder layer range [{start}, {stop}) is outside the LLM's {n} layers")
+        self.layers = nn.ModuleList(lm.layers[self.start:self.stop])
+        self.rotary_emb = lm.rotary_emb
+        self.is_last = self.stop == n
+        if self.is_last:
+            self.norm = lm.norm
+            self.lm_head = lm_head
+
+    @property
+    def input_names(self) -> list[str]:
+        first = "inputs_embeds" if self.start == 0 else "hidden_states"
+        return [first, "attention_mask", "position_ids", *past_names(range(self.start, self.stop))]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits" if self.is_last else "hidden_states_out", *present_names(range(self.start, self.stop))]
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        n = len(self.layers)
+        cache = DynamicCache(config=self.config)
+        for i in range(n):  # cache slots are the LLM's global layer indices
+            cache.update(past[2 * i], past[2 * i + 1], self.start + i)
+        h = inputs_embeds
+        mask = causal_additive_mask(attention_mask, h.shape[1], past[0].shape[2], h.dtype)
+        cache_position = torch.arange(h.shape[1], device=h.device) + past[0].shape[2]
+        cos_sin = self.rotary_emb(h, position_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                      use_cache=True, cache_position=cache_position, position_embeddings=cos_sin)
+        out = self.lm_head(self.norm(h)) if self.is_last else h
+        presents = []
+        for i in range(n):
+            layer_cache = cache.layers[self.start + i]
+            presents += [layer_cache.keys, layer_cache.values]
+        return (out, *presents)
+
+
+def causal_additive_mask(attention_mask: torch.Tensor, q_len: int, past_len, dtype) -> torch.Tensor:
+    """[B,P+S] padding mask -> additive [B,1,S,P+S] mask (0 = attend, dtype min = masked).
+
+    A finite minimum keeps fully masked rows (left padding) finite instead of NaN, so
+    padded positions never poison the cache.
+    """
+    kv_len = attention_mask.shape[1]
+    q_pos = torch.arange(q_len, device=attention_mask.device)[:, None] + past_len
+    k_pos = torch.arange(kv_len, device=attention_mask.device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None] & attention_mask[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
