@@ -422,18 +422,10 @@ def test_stage_weights_are_the_decoder_segments_weights(exported_stage, tmp_path
     import onnx
     from onnx import numpy_helper
 
-    from fsr.models.llava import DecoderStep
+    from fsr.models.parts import DecoderStep
 
     lm, head, _, model = exported_stage
-
-    class Llava(nn.Module):  # what DecoderStep reads from a LLaVA model
-        def __init__(self):
-            super().__init__()
-            self.model = nn.Module()
-            self.model.language_model = lm
-            self.lm_head = head
-
-    step = DecoderStep(Llava(), 1, 2).eval()
+    step = DecoderStep(lm, head, 1, 2).eval()
     cfg = lm.config
     past = [torch.zeros(2, cfg.num_key_value_heads, 4, cfg.head_dim) for _ in range(2)]
     args = (torch.randn(2, 3, HIDDEN), torch.ones(2, 7, dtype=torch.int64), torch.arange(4, 7).repeat(2, 1), *past)
@@ -556,12 +548,12 @@ def run_segments(llava, schedule, embeds, mask, image_start, num_visual, max_new
     """What a runtime does with a pruned, segmented decoder: ``DecoderStep`` segments cut at the
     schedule's layers, a `PioPruningStage` before each segment but the first (prefill only); each
     segment keeps its own attention mask (its own KV length) and decode position offset."""
-    from fsr.models.llava import DecoderStep
+    from fsr.models.parts import DecoderStep
 
     lm = llava.model.language_model
     cfg = lm.config
     bounds = [0, *schedule.layers, cfg.num_hidden_layers]
-    segments = [DecoderStep(llava, a, b) for a, b in zip(bounds, bounds[1:])]
+    segments = [DecoderStep(lm, llava.lm_head, a, b) for a, b in zip(bounds, bounds[1:])]
     stages = [PioPruningStage(PioProxy.from_language_model(lm, llava.lm_head, st.layer), num_visual=n, keep=keep)
               for st, (n, keep) in zip(schedule.stages, schedule.token_counts(num_visual))]
     batch = embeds.shape[0]
