@@ -121,8 +121,8 @@ def pio_gradient_closed_form(proxy: PioProxy, hidden: torch.Tensor, attention_ma
     """
     ct = _compute_dtype(hidden.dtype)
     attn, mlp = proxy.layer.self_attn, proxy.layer.mlp
-    cfg = attn.config
-    n_heads, n_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+    d = attn.head_dim  # head counts from the projections' widths: the layer's own geometry
+    n_heads, n_kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
     group = n_heads // n_kv
     batch, length, _ = hidden.shape
     h = hidden.to(ct)
