@@ -75,6 +75,7 @@ def build(
 ) -> None:
     """Build one TensorRT engine per graph into EXPORT_DIR/engines/ and record them in the manifest."""
     from fsr.engines.builder import BuildSettings, build_engines
+    from fsr.errors import FsrError
     from fsr.engines.loader import EngineBuildError
     from fsr.engines.plugin_graph import PluginError
     from fsr.engines.profiles import ProfileError
@@ -92,9 +93,12 @@ def build(
                    TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
             report = build_engines(export_dir, settings, progress=RichProgress(bar), trt=trt)
-    except (ManifestError, ProfileError, PluginError, EngineBuildError, TensorRTMissing, ValueError) as exc:
+    except (FsrError, ManifestError, ProfileError, PluginError, EngineBuildError, TensorRTMissing, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
+    except KeyboardInterrupt as exc:  # fsr.files.Interrupted says what was kept
+        console.print(f"[red]{exc or 'interrupted'}[/]")
+        raise typer.Exit(getattr(exc, "exit_code", 130))
     Console().print(report_table(report))
     console.print(f"timing cache: {report.timing_cache}")
     if report.plugin_graph:

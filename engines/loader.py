@@ -20,6 +20,7 @@ from typing import Callable
 import onnx
 
 from fsr.errors import FsrError
+from fsr.files import partial_prefix
 from fsr.engines.profiles import Profile
 from fsr.engines.trt_import import TensorRT, import_tensorrt, make_logger
 
@@ -106,7 +107,7 @@ class EngineBytesFromOnnx:
             return self._build(trt, self.path)
         from fsr.engines.precision import convert_onnx_file
 
-        with tempfile.TemporaryDirectory(prefix=".convert-", dir=self.work_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=partial_prefix("convert"), dir=self.work_dir) as tmp:
             converted = Path(tmp) / f"{self.path.stem}.{self.precision}.onnx"
             self.progress(f"rewriting the graph for {self.precision}")
             self.stats.low_precision_nodes = convert_onnx_file(self.path, converted, self.precision)

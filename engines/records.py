@@ -27,12 +27,11 @@ without needing a GPU. The manifest is always rewritten atomically.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from fsr.export.manifest import MANIFEST, ManifestError, read_manifest, sha256
+from fsr.files import atomic_write, locked
 
 ENGINES_DIR = "engines"
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -50,27 +49,17 @@ def engine_path(export_dir: Path, graph: str, precision: str, plugin: bool = Fal
     return Path(export_dir) / ENGINES_DIR / f"{engine_id(graph, precision, plugin)}.engine"
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+write_atomic = atomic_write  # temporary beside the file, fsync, rename (fsr.files)
 
 
 def update_manifest(export_dir: Path, change: Callable[[dict], None]) -> dict:
-    """Re-read the manifest, apply ``change`` to it, write it back atomically; returns it."""
+    """Re-read the manifest, apply ``change`` to it, write it back atomically; returns it.
+    Holds a lock on the export folder meanwhile, so concurrent fsr-build runs lose no entry."""
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    change(manifest)
-    write_atomic(export_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    with locked(export_dir):
+        manifest = read_manifest(export_dir)
+        change(manifest)
+        atomic_write(export_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -37,8 +37,10 @@ def llava(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Export a LLaVA model: vision (+ FSR), token embedding, decoder (prefill + decode), text encoder."""
-    from fsr.export.llava import ExportConfigError, ExportSettings, export_llava
-    from fsr.models.llava import ModelError, load_model
+    from fsr.errors import FsrError
+    from fsr.export.llava import ExportSettings, export_llava
+    from fsr.files import check_output_folder
+    from fsr.models.llava import load_model
 
     settings = ExportSettings(method=method, budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa,
                               dtype=dtype, relevance=relevance)
@@ -48,8 +50,7 @@ def llava(
         if output is None:
             tag = "none" if method == "none" else f"{method}-b{budget}"
             output = Path("exports") / f"llava-{Path(name).name}-{tag}"
-        if output.exists() and not force:
-            raise ExportConfigError(f"{output} already exists; pass --force to replace it, or choose another --output")
+        check_output_folder(output, force=force)  # before loading anything; checked again when writing
         if model is None:
             console.print("[bold]--model not given: using the built-in 'tiny' preset[/] "
                           f"(random weights, seed {seed}, LLaVA-1.5 geometry)")
@@ -62,12 +63,12 @@ def llava(
                 status.update(step)
 
             export_llava(loaded, output, settings, force=force, progress=progress)
-    except (ExportConfigError, ModelError) as exc:
+    except FsrError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted:[/] nothing was written")
-        raise typer.Exit(130)
+    except KeyboardInterrupt as exc:  # fsr.files.Interrupted says what became of the output
+        console.print(f"[red]{exc or 'interrupted: nothing was written'}[/]")
+        raise typer.Exit(getattr(exc, "exit_code", 130))
     console.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
                   f"(method {method}, budget {budget if method != 'none' else 'all'}, {dtype})")
 

@@ -10,7 +10,8 @@ The export folder::
     text_encoder.onnx    CLIP text tower (only when relevance comes from CLIP)
 
 Everything is written into a temporary folder beside the target and moved into place
-at the end, so a failure or an interrupt never leaves a half-written export behind.
+at the end (`fsr.files.OutputFolder`), so a failure or an interrupt never leaves a
+half-written export behind, and ``force`` replaces only an earlier export.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from fsr.errors import FsrError
+from fsr.files import OutputFolder
 from fsr.export.manifest import FORMAT_VERSION, graph_entry, package_versions, write_manifest
 from fsr.export.trace import trace_to_onnx
 from fsr.onnx_io import save_onnx
@@ -79,42 +79,15 @@ def _noop(step: str) -> None:
     pass
 
 
-def prepare_output(output: Path, force: bool) -> Path:
-    """Refuse to overwrite without ``force``; return a fresh temporary folder beside ``output``."""
-    output = Path(output)
-    if output.exists() and not force:
-        raise ExportConfigError(f"{output} already exists; pass --force to replace it, or choose another --output")
-    if output.exists() and not output.is_dir():
-        raise ExportConfigError(f"{output} exists and is not a folder; remove it or choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-
-
-def commit_output(tmp: Path, output: Path) -> None:
-    """Move the finished export into place; an old one (``--force``) is removed only after."""
-    old = None
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        output.rename(old / "export")
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_llava(loaded: LoadedModel, output: Path, settings: ExportSettings, *, force: bool = False,
                  progress: Callable[[str], None] = _noop) -> Path:
-    """Export ``loaded`` into ``output`` (atomically). Returns the export folder."""
+    """Export ``loaded`` into ``output`` (atomically: `fsr.files.OutputFolder`). Returns the export folder."""
     settings.validate()
     output = Path(output)
-    tmp = prepare_output(output, force)
-    try:
-        _export_into(loaded, tmp, settings, progress)
+    with OutputFolder(output, force=force, note=progress) as out:
+        _export_into(loaded, out.path, settings, progress)
         progress("moving the export into place")
-        commit_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.commit()
     return output
 
 
