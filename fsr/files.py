@@ -111,19 +111,50 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _Signals:
-    """The process-wide state behind `signals_as_interrupts` and `critical` (main thread)."""
+    """The process-wide state behind `signals_as_interrupts` and `critical` (main thread).
+
+    Python runs a signal handler at the next bytecode of the main thread, which may be
+    inside a callback that a C++ library calls (TensorRT's logger and progress monitor):
+    the library catches the `Interrupted` raised there and carries on, or turns it into
+    its own error ("build canceled"). So a raised interrupt stays ``unconfirmed`` until
+    it passes through one of our context managers; `checkpoint` raises it again where
+    it was lost, and `swallowed_since` tells a library error that was one.
+    """
 
     def __init__(self):
         self.depth = 0  # nested signals_as_interrupts
         self.deferring = 0  # nested critical sections
-        self.pending: int | None = None
+        self.pending: int | None = None  # arrived inside a critical section
+        self.unconfirmed: int | None = None  # raised, not yet seen propagating
+        self.raised = 0  # Interrupted raised so far, and the last signal
+        self.last: int | None = None
+
+    def _raise(self, signum: int):
+        self.unconfirmed, self.raised, self.last = signum, self.raised + 1, signum
+        raise Interrupted(signum)
 
     def handler(self, signum, frame):
         if self.deferring:
             if self.pending is None:
                 self.pending = signum
             return
-        raise Interrupted(signum)
+        self._raise(signum)
+
+    def checkpoint(self) -> None:
+        """Outside critical sections: raise a deferred signal, or one a library swallowed."""
+        if self.deferring or not self.depth:
+            return
+        signum = self.pending if self.pending is not None else self.unconfirmed
+        if signum is not None:
+            self.pending = None
+            self._raise(signum)
+
+    def seen(self) -> None:
+        self.unconfirmed = None
+
+    def swallowed_since(self, count: int) -> int | None:
+        """The signal of an `Interrupted` raised after ``count`` (None if none was)."""
+        return self.last if self.raised > count else None
 
 
 _SIGNALS = _Signals()
@@ -139,7 +170,8 @@ def signals_as_interrupts() -> Iterator[None]:
 
     A signal the process ignores (``nohup`` ignores SIGHUP, a background job SIGINT)
     stays ignored. Outside the main thread, where Python cannot set handlers, this does
-    nothing. Nested use is fine; the previous handlers come back at the end.
+    nothing. Nested use is fine; the previous handlers come back at the end. An
+    interrupt that a library swallowed inside the block is raised when it ends.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -154,10 +186,17 @@ def signals_as_interrupts() -> Iterator[None]:
     _SIGNALS.depth += 1
     try:
         yield
+    except Interrupted:
+        _SIGNALS.seen()
+        raise
+    else:
+        _SIGNALS.checkpoint()
     finally:
         _SIGNALS.depth -= 1
         for s, old in previous.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)
+        if not _SIGNALS.depth:
+            _SIGNALS.pending = _SIGNALS.unconfirmed = None
 
 
 @contextlib.contextmanager
@@ -167,16 +206,20 @@ def critical() -> Iterator[None]:
     A signal that arrives inside is raised as `Interrupted` right after the outermost
     critical block, so the block itself (a rename, a manifest update, a clean-up) is
     never cut in two. Without `signals_as_interrupts` the signals keep their usual
-    effect (SIGKILL cannot be deferred either: `clean_stale` recovers after it).
+    effect (SIGKILL cannot be deferred either: `clean_stale` recovers after it). If the
+    block fails, its error propagates and a deferred signal waits for the next
+    checkpoint (the end of the next critical block or of `signals_as_interrupts`).
     """
     _SIGNALS.deferring += 1
     try:
         yield
-    finally:
+    except BaseException as exc:
         _SIGNALS.deferring -= 1
-        if not _SIGNALS.deferring and _SIGNALS.pending is not None:
-            signum, _SIGNALS.pending = _SIGNALS.pending, None
-            raise Interrupted(signum)
+        if isinstance(exc, Interrupted):
+            _SIGNALS.seen()
+        raise
+    _SIGNALS.deferring -= 1
+    _SIGNALS.checkpoint()
 
 
 # ----------------------------------------------------------------------------- owners
@@ -607,12 +650,19 @@ def safe_writes(what: str = "the output", place: Path | None = None, *,
     """`signals_as_interrupts` + `write_errors`, as a context manager or a decorator
     (``fsr-build``: ``@safe_writes("TensorRT engines", interrupted="...")``). ``interrupted``
     is the detail an `Interrupted` raised inside gets, when it has none yet."""
+    seen = _SIGNALS.raised
     try:
         with signals_as_interrupts(), write_errors(place, what):
             yield
     except Interrupted as exc:
+        _SIGNALS.seen()
         if exc.detail is None and interrupted:
             raise Interrupted(exc.signum, interrupted) from None
+        raise
+    except Exception as exc:
+        signum = _SIGNALS.swallowed_since(seen)
+        if signum is not None:  # the interrupt came back as a library's error (TensorRT: "build canceled")
+            raise Interrupted(signum, interrupted) from exc
         raise
 
 
@@ -770,12 +820,14 @@ class OutputFolder:
         self.path: Path | None = None
         self.existed = False
         self.committed = False
+        self._seen = 0
         self._written = self.output.parent  # what this block writes into, for telling write failures apart
         self._signals: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "OutputFolder":
         self.existed = check_output_folder(self.output, force=self.force, is_ours=self.is_ours, what=self.what,
                                            option=self.option)
+        self._seen = _SIGNALS.raised
         self._signals = contextlib.ExitStack()
         self._signals.enter_context(signals_as_interrupts())
         try:
@@ -835,6 +887,9 @@ class OutputFolder:
                 self.path = None
 
     def __exit__(self, et, ev, tb) -> bool:
+        swallowed = _SIGNALS.swallowed_since(self._seen) if et is not None and issubclass(et, Exception) else None
+        if et is not None and (issubclass(et, KeyboardInterrupt) or swallowed is not None):
+            _SIGNALS.seen()  # this interrupt is being handled here
         try:
             if self.path is not None:
                 with critical():
@@ -851,8 +906,8 @@ class OutputFolder:
                     et, ev = Interrupted, exc
         if et is None:
             return False
-        if issubclass(et, KeyboardInterrupt):
-            signum = ev.signum if isinstance(ev, Interrupted) else signal.SIGINT
+        if issubclass(et, KeyboardInterrupt) or swallowed is not None:
+            signum = ev.signum if isinstance(ev, Interrupted) else swallowed or signal.SIGINT
             raise Interrupted(signum, self._outcome()) from None
         if issubclass(et, FsrError):
             return False

@@ -270,6 +270,39 @@ def test_ignored_signals_stay_ignored(tmp_path):
         signal.signal(signal.SIGHUP, old)
 
 
+def _library_callback_that_swallows(signum):
+    """What TensorRT does with an exception raised in its logger callback: print and carry on."""
+    try:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.5)
+    except BaseException:
+        pass
+
+
+def test_an_interrupt_a_library_swallowed_is_raised_at_the_next_checkpoint(tmp_path):
+    from fsr.files import safe_writes
+
+    with pytest.raises(Interrupted, match="interrupted by SIGTERM: first file kept"):
+        with safe_writes("files", interrupted="first file kept"):
+            _library_callback_that_swallows(signal.SIGTERM)
+            atomic_write(tmp_path / "a", "1")  # the work in progress finishes, then the interrupt
+            atomic_write(tmp_path / "b", "2")
+    assert (tmp_path / "a").read_text() == "1" and not (tmp_path / "b").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_an_interrupt_a_library_turned_into_its_error_is_an_interrupt(tmp_path):
+    from fsr.files import safe_writes
+
+    with pytest.raises(Interrupted) as info:
+        with safe_writes("engines"):
+            _library_callback_that_swallows(signal.SIGHUP)
+            raise RuntimeError("Build canceled by user")
+    assert info.value.signum == signal.SIGHUP and isinstance(info.value.__cause__, RuntimeError)
+    with OutputFolder(tmp_path / "out"), pytest.raises(RuntimeError):  # no interrupt left over afterwards
+        raise RuntimeError("an ordinary error stays one")
+
+
 _KILL_BETWEEN_RENAMES = """
 import os, signal, sys
 from pathlib import Path
@@ -441,6 +474,27 @@ def test_build_killed_mid_write_leaves_no_engine_outside_the_manifest(export_non
     for entry in manifest["engines"].values():
         assert sha256(export / entry["file"]) == entry["sha256"]
     assert _engines_outside_manifest(export) == []
+
+
+def test_real_build_sigterm(export_none, tmp_path):
+    """SIGTERM while fsr-build rewrites and builds (TensorRT swallows the exception raised in its
+    callbacks): exit 143 with a message, every engine on disk recorded, no temporaries."""
+    pytest.importorskip("tensorrt_rtx")
+    export = tmp_path / "export"
+    shutil.copytree(export_none, export)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*cli("fsr-build"), str(export), "--precision", "fp16"], stdout=out, stderr=out)
+    try:
+        assert _wait_for(lambda: (export / "engines").is_dir() and any(
+            ".convert.partial-" in n for n in os.listdir(export / "engines")), proc=proc), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(300) == 143, log.read_text()
+    finally:
+        proc.kill()
+    text = re.sub(r"\s+", " ", log.read_text())
+    assert "interrupted by SIGTERM: the engines already built are complete" in text and "Traceback" not in text
+    assert _engines_outside_manifest(export) == [] and leftovers(export / "engines") == []
 
 
 def test_build_disk_full_is_a_message(export_none, tmp_path, monkeypatch):
