@@ -18,7 +18,9 @@ Every layer that writes files (export, engines, manifests, reports) goes through
   never one whose process is alive or whose owner it cannot check (another machine).
 - Signals: `signals_as_interrupts` turns SIGTERM and SIGHUP into the same path as
   Ctrl-C (`Interrupted`, a `KeyboardInterrupt`), and `critical` defers all three
-  while a commit runs, so an interrupt leaves either the old state or the new one.
+  while a commit runs, so an interrupt leaves either the old state or the new one;
+  an interrupt that a C++ library swallowed (TensorRT's callbacks) is raised again at
+  the next checkpoint.
 - Errors: `OutputError` (an `FsrError`) names the place and the fix for an
   unwritable, read-only, virtual (/proc) or full file system; `write_errors` turns
   such low-level failures (OSError, and the "No space left on device" of the Rust
@@ -231,7 +233,13 @@ def _short_hash(text: str, n: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _host() -> str:
-    return _short_hash(socket.gethostname(), 6)
+    """This machine, as far as process ids go: the host name and the pid namespace (two
+    containers on one host see different processes under the same ids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return _short_hash(f"{socket.gethostname()}|{namespace}", 6)
 
 
 @functools.lru_cache(maxsize=1)

@@ -626,3 +626,14 @@ def test_real_export_sigkill_then_sigterm(tmp_path):
     assert "left by an interrupted run" in text and stale in log.read_text().replace("\n", ""), text
     assert "interrupted by SIGTERM" in text and "nothing was written" in text and "Traceback" not in text
     assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_fault_injection_script_lists_its_cases():
+    """tests/fault_injection.py (run by hand: it takes minutes) stays runnable."""
+    script = Path(__file__).with_name("fault_injection.py")
+    r = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    names = [line.split()[0] for line in r.stdout.splitlines()]
+    assert len(names) == len(set(names)) >= 30
+    assert {"force-users-folder", "race-two-exports", "sigterm-during-export", "build-killed-before-engine-rename",
+            "disk-full-export-source", "image-bomb-header"} <= set(names)
