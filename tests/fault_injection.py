@@ -4,6 +4,7 @@
     python tests/fault_injection.py -k signal -k force   # cases whose name holds a word
     python tests/fault_injection.py --list          # the cases, without running them
     python tests/fault_injection.py --json out.json # the table as JSON too
+    python tests/fault_injection.py --no-mount      # inject full disks even as root
 
 Each case does what a user (or a hostile one, or bad luck) does: real ``fsr-export``,
 ``fsr-build`` and ``fsr-run`` processes from this environment, real signals, real full
@@ -137,12 +138,12 @@ def _main(body):
 class Lab:
     """A scratch folder, the commands, a reference export (made once) and folder checks."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, mount: bool = True):
         self.root = root
         self._reference: Path | None = None
         self._n = 0
         self.mounts: list[Path] = []
-        self.can_mount = sys.platform.startswith("linux") and os.geteuid() == 0 and self._try_mount()
+        self.can_mount = mount and sys.platform.startswith("linux") and os.geteuid() == 0 and self._try_mount()
 
     # -- places
     def folder(self, name: str) -> Path:
@@ -720,7 +721,7 @@ def _table(rows: list[tuple[Case, Outcome, float]], root: Path) -> None:
     for col in ("case", "exit", "message", "data safe", "verdict"):
         table.add_column(col, overflow="fold")
     for c, o, seconds in rows:
-        verdict = "pass" if o.passed else ("skipped" if o.how == "skipped" else "FAIL")
+        verdict = "skipped" if o.how == "skipped" else "pass" if o.passed else "FAIL"
         if o.how == "injected":
             verdict += " (injected)"
         message = (o.message or "").replace(str(root), "$LAB")
@@ -736,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--no-mount", action="store_true",
+                        help="inject full disks at the write calls even where a tmpfs could be mounted")
     args = parser.parse_args(argv)
     cases = [c for c in CASES if not args.k or any(k in c.name for k in args.k)]
     if args.list:
@@ -743,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:36s} {c.group:15s} {c.what}")
         return 0
     root = Path(tempfile.mkdtemp(prefix="fsr-faults-"))
-    lab = Lab(root)
+    lab = Lab(root, mount=not args.no_mount)
     rows = []
     try:
         for c in cases:
@@ -755,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 lab.umount_all()
             rows.append((c, o, time.perf_counter() - start))
-            print(f"{'pass' if o.passed else o.how if o.how == 'skipped' else 'FAIL':7s} {c.name} "
+            print(f"{'skipped' if o.how == 'skipped' else 'pass' if o.passed else 'FAIL':7s} {c.name} "
                   f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     finally:
         lab.umount_all()
