@@ -74,7 +74,7 @@ def splice_focus_scan_refine(
     N may be static or dynamic. Raises `SpliceError` for a graph without those outputs and
     `fsr.pruning.FsrOpError` for attributes or inputs the op does not accept.
     """
-    from fsr.pruning.onnx_function import check_fsr_node, fsr_node_attributes
+    from fsr.pruning.onnx_function import check_fsr_node
 
     by_name = {t.name: t for t in graph.outputs}
     needed = FSR_INPUTS if use_relevance else FSR_INPUTS[:3]
@@ -83,10 +83,10 @@ def splice_focus_scan_refine(
         raise SpliceError(f"cannot splice {FSR_OP}: graph {graph.name!r} lacks output(s) {missing}; "
                           f"it has {list(by_name)}")
     tokens, features, saliency = (by_name[n] for n in FSR_INPUTS[:3])
-    attrs = fsr_node_attributes(budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa, keep_ratio=keep_ratio)
-    check_fsr_node(attrs, {t.name: (_elem_type(t.dtype), t.shape) for t in
-                           [tokens, features, saliency, *([by_name["relevance"]] if use_relevance else [])]},
-                   where=f"splice into graph {graph.name!r}")
+    given = dict(budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa, keep_ratio=keep_ratio)
+    wired = [tokens, features, saliency, *([by_name["relevance"]] if use_relevance else [])]
+    attrs = check_fsr_node(given, {t.name: (_elem_type(t.dtype), t.shape) for t in wired},
+                           where=f"splice into graph {graph.name!r}")
     relevance = by_name["relevance"] if use_relevance else _neutral_relevance(graph, saliency)
 
     batch, num_tokens, token_dim = tokens.shape if tokens.shape is not None else ("batch", None, None)
