@@ -42,12 +42,13 @@ from ._numerics import (
 from .fsr_identity import kept_count
 
 #: Candidates per Scan block (speed only: any value >= 1 gives the same result).
-SCAN_BLOCK = 16
+SCAN_BLOCK = 32
 
 # Sentinels outside every real value: distances lie in [0, 2], cosines in [-1, 1]
 # (each up to float32 rounding).
 TAKEN = -4.0  # running min-distance of a taken token
-FAR = 4.0  # a distance row that changes no minimum ("no step")
+FAR = 4.0  # a distance that changes no minimum
+BELOW = -5.0  # below every running min-distance, TAKEN included
 NOT_ANCHOR = -2.0  # similarity before any anchor is seen
 NOT_DISCARDED = -3.0  # similarity score of a kept token
 
@@ -183,27 +184,37 @@ class FocusScanRefineFixed(torch.nn.Module):
         """One Scan block (see the module docstring); returns the updated state."""
         batch, n = dmin.shape
         width = min(self.scan_block - 1, n)
-        candidates = torch.cat([argmax_lowest(dmin), torch.topk(dmin, width, dim=-1).indices], dim=-1)
-        slots = candidates.shape[-1]  # C
+        candidates = torch.cat([argmax_lowest(dmin), torch.topk(dmin, width, dim=-1).indices], dim=-1)  # [B, C]
         cos = column_cosines(f @ _rows(f, candidates).transpose(-1, -2), candidates, sq_norm)  # [B, N, C]
-        # Rows to take the minimum with: the distances to each candidate, TAKEN at the candidate
-        # itself, and a last row of FAR (no effect) for "no step".
-        rows = torch.where(candidates.unsqueeze(-1) == index, TAKEN, (1.0 - cos).transpose(-1, -2))
-        rows = torch.cat([rows, torch.full_like(rows[:, :1], FAR)], dim=1).reshape(batch * (slots + 1), n)
-        block_base = torch.arange(batch, device=f.device).unsqueeze(-1) * (slots + 1)
-        slot_index = torch.arange(slots, device=f.device)
-        start = dmin
-        for _ in range(slots):  # greedy steps while the argmax is a candidate
-            pick = argmax_lowest(dmin)  # [B, 1]
-            slot = torch.where(candidates == pick, slot_index, slots).amin(dim=-1, keepdim=True)  # C: none
-            slot = torch.where((done < steps).unsqueeze(-1), slot, slots)  # C: row finished
-            if not bool((slot < slots).any()):
+        # distance[b, i, m]: token i to candidate m; TAKEN where i is candidate m itself.
+        itself = index.view(1, n, 1) == candidates.unsqueeze(1)
+        distance = torch.where(itself, TAKEN, 1.0 - cos)
+        rows = _rows(distance, candidates).transpose(-1, -2)  # rows[b, s, m]: candidate m to candidate s
+        # The greedy steps run on the C candidates alone. The first takes the global argmax (the
+        # first candidate); a later step's pick is sure to be the global argmax when its value is
+        # above every other token's value at the block's start (those only go down). A step that
+        # is not sure ends the block.
+        bound = torch.where(itself.any(dim=-1), BELOW, dmin).amax(dim=-1)  # [B]
+        remaining = steps - done
+        current = start = torch.gather(dmin, 1, candidates)  # [B, C]
+        for step in range(candidates.shape[-1]):
+            top = current.amax(dim=-1, keepdim=True)
+            slot = torch.where(current == top, candidates, n).argmin(dim=-1)  # lowest token index at the top
+            live = remaining > step
+            if step:
+                live = live & (top.squeeze(-1) > bound)
+            if not bool(live.any()):
                 break  # (the graph runs the remaining steps as no-ops)
-            dmin = torch.minimum(dmin, rows[(slot + block_base).squeeze(-1)])
-            done = done + (slot < slots).squeeze(-1).to(done.dtype)
+            row = rows[torch.arange(batch, device=f.device), slot]  # [B, C]
+            current = torch.where(live.unsqueeze(-1), torch.minimum(current, row), current)
+        picked = (current == TAKEN) & (start != TAKEN)  # [B, C]
+        # Every token's running minimum over the anchors this block took (TAKEN for them).
+        nearest = torch.where(picked.unsqueeze(1), distance, FAR).amin(dim=-1)
+        before = (dmin == TAKEN).sum(dim=-1)
+        dmin = torch.minimum(dmin, nearest)
+        done = done + ((dmin == TAKEN).sum(dim=-1) - before)
 
-        # The anchors this block took: nearest anchor and similarity of every token.
-        picked = (torch.gather(dmin, 1, candidates) == TAKEN) & (torch.gather(start, 1, candidates) != TAKEN)
+        # Nearest anchor and similarity of every token, over the anchors this block took.
         masked = torch.where(picked.unsqueeze(1), cos, NOT_ANCHOR)  # [B, N, C]
         block_best = masked.amax(dim=-1)  # [B, N]
         lowest = torch.where(masked == block_best.unsqueeze(-1), candidates.unsqueeze(1), index.shape[0])

@@ -71,6 +71,7 @@ _ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 _TYPE_NAMES = {v: k for k, v in _ONNX_TYPES.items()}
 _FLOAT, _INT64, _BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 _BIG = float(2**25)  # above every float32 token index used here (N < 2**23)
+_BELOW = -5.0  # below every running min-distance, TAKEN included
 _TWO24 = float(2**24)
 
 
@@ -325,39 +326,51 @@ def _build_body(scan_block: int) -> tuple[list[onnx.NodeProto], list[onnx.Attrib
     steps_f = g.cast(steps, _FLOAT)
     extra = g.unsqueeze(g("Min", g.const(scan_block - 1, np.int64), n), 0)  # TopK candidates
     slots = g("Add", g.squeeze(extra, 0), g.const(1, np.int64))
-    slots_f = g.cast(slots, _FLOAT)
-    slot_iota_f = g.cast(g("Range", g.const(0, np.int64), slots, g.const(1, np.int64)), _FLOAT)
     steps_f1 = g.unsqueeze(steps_f, 1)  # [B, 1]
-    far_row = g("Expand", g.const(FAR), g("Concat", b1, g.const([1], np.int64), n1, axis=0))  # [B, 1, N]
     block_base = g.unsqueeze(g("Mul", g("Range", g.const(0, np.int64), g.squeeze(b1, 0), g.const(1, np.int64)),
-                               g("Add", slots, g.const(1, np.int64))), 1)  # [B, 1]: first row of each batch row
+                               slots), 1)  # [B, 1]: first candidate row of each batch row
 
     def scan_one_block(body, cond, values):
         dmin, done, best_sim, best_anchor = values
-        start = dmin
         first = _argmax_lowest(body, dmin, iota_f)
         _, more = body("TopK", dmin, extra, axis=-1, largest=1, sorted=1, outputs=2, out="candidates")
         candidates = body("Concat", body.cast(first, _INT64), more, axis=1, out="candidates")  # [B, C]
         candidates_f = body.cast(candidates, _FLOAT)
         block_cos = _column_cosines(body, f, f_flat, base, candidates, sq_norm)  # [B, N, C]
-        # Rows to take the minimum with: the distances to each candidate, TAKEN at the candidate
-        # itself, and a last row of FAR (no effect) for "no step".
-        rows = body("Transpose", body("Sub", body.const(1.0), block_cos), perm=[0, 2, 1])  # [B, C, N]
-        itself = body("Equal", body.unsqueeze(candidates_f, 2), iota_f)
-        rows = body("Where", itself, body.const(TAKEN), rows)
-        rows = body("Flatten", body("Concat", rows, far_row, axis=1), axis=2, out="block_rows")  # [B*(C+1), N]
-        for _ in range(scan_block):  # greedy steps while the argmax is a candidate
-            pick = _argmax_lowest(body, dmin, iota_f)  # [B, 1]
-            slot = body.reduce("ReduceMin", body("Where", body("Equal", candidates_f, pick), slot_iota_f, slots_f),
-                               1, 1)  # C: not a candidate
-            slot = body("Where", body("Less", done, steps_f1), slot, slots_f)  # C: row finished
-            row = body("Gather", rows, body("Add", body.cast(slot, _INT64), block_base), axis=0)  # [B, 1, N]
-            dmin = body("Min", dmin, body.squeeze(row, 1), out="dmin")
-            done = body("Add", done, body.cast(body("Less", slot, slots_f), _FLOAT), out="done")
-        # The anchors this block took: nearest anchor and similarity of every token.
-        picked = body("And", body("Equal", body("GatherElements", dmin, candidates, axis=1), body.const(TAKEN)),
-                      body("Not", body("Equal", body("GatherElements", start, candidates, axis=1),
-                                       body.const(TAKEN))))
+        # distance[b, i, m]: token i to candidate m; TAKEN where i is candidate m itself.
+        itself = body("Equal", body.unsqueeze(iota_f, 1), body.unsqueeze(candidates_f, 1))  # [B, N, C]
+        distance = body("Where", itself, body.const(TAKEN), body("Sub", body.const(1.0), block_cos))
+        # Between candidates: rows[b, s, m] = distance of candidate m to candidate s (a row per pick).
+        among = body("Gather", body("Flatten", distance, axis=2), body("Add", candidates, base), axis=0)
+        rows = body("Flatten", body("Transpose", among, perm=[0, 2, 1]), axis=2, out="candidate_rows")
+        # The greedy steps of the block run on the C candidates alone. The first step takes the
+        # global argmax (the first candidate); a later step's pick is sure to be the global
+        # argmax when its value is above every other token's value at the block's start (those
+        # only go down). A step that is not sure ends the block (the steps after it repeat it).
+        is_candidate = body("Greater", body.reduce("ReduceMax", body.cast(itself, _FLOAT), 2, 0), body.const(0.0))
+        bound = body.unsqueeze(body.reduce("ReduceMax", body("Where", is_candidate, body.const(_BELOW), dmin), 1, 1), 2)
+        remaining = body.unsqueeze(body("Sub", steps_f1, done), 2)  # [B, 1, 1] steps this row still takes
+        start = body.unsqueeze(body("GatherElements", dmin, candidates, axis=1), 1)  # [B, 1, C]
+        candidate_key = body.unsqueeze(candidates_f, 1)
+        current = start
+        for step in range(scan_block):
+            top = body.reduce("ReduceMax", current, 2, 1)  # [B, 1, 1]
+            key = body("Where", body("Equal", current, top), candidate_key, body.const(_BIG))
+            slot = body("ArgMin", key, axis=2, keepdims=1)  # the lowest token index at the top (ties: one token)
+            live = body("Less", body.const(float(step)), remaining)
+            if step:
+                live = body("And", live, body("Greater", top, bound))
+            row = body("Gather", rows, body("Add", body.squeeze(slot, 2), block_base), axis=0)  # [B, 1, C]
+            current = body("Where", live, body("Min", current, row), current, out="current")
+        picked = body.squeeze(body("And", body("Equal", current, body.const(TAKEN)),
+                                   body("Not", body("Equal", start, body.const(TAKEN)))), 1)  # [B, C]
+        # Every token's running minimum over the anchors this block took (TAKEN for them).
+        nearest = body.reduce("ReduceMin", body("Where", body.unsqueeze(picked, 1), distance, body.const(FAR)), 2, 0)
+        before = body.reduce("ReduceSum", body.cast(body("Equal", dmin, body.const(TAKEN)), _FLOAT), 1, 1)
+        dmin = body("Min", dmin, nearest, out="dmin")
+        taken_now = body.reduce("ReduceSum", body.cast(body("Equal", dmin, body.const(TAKEN)), _FLOAT), 1, 1)
+        done = body("Add", done, body("Sub", taken_now, before), out="done")  # [B, 1]
+        # Nearest anchor and similarity of every token, over the anchors this block took.
         masked = body("Where", body.unsqueeze(picked, 1), block_cos, body.const(NOT_ANCHOR))
         block_best = body.reduce("ReduceMax", masked, 2, 0)
         lowest = body("Where", body("Equal", masked, body.unsqueeze(block_best, 2)),
