@@ -60,13 +60,13 @@ def splice_focus_scan_refine(
     graph: gs.Graph,
     *,
     budget: int,
-    alpha: float = 3.0,
-    beta: float = 1.0,
-    rho: float = 0.9,
-    kappa: float = 1.0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    rho: float | None = None,
+    kappa: float | None = None,
     use_relevance: bool = True,
     outputs: tuple[str, str] = ("image_tokens", "kept_indices"),
-    keep_ratio: float = 0.0,
+    keep_ratio: float | None = None,
 ) -> gs.Graph:
     """Consume the graph outputs named ``tokens, features, saliency[, relevance]`` with one
     FocusScanRefine node whose outputs become the graph's only outputs.

@@ -191,7 +191,7 @@ def column_cosines(gram: torch.Tensor, columns: torch.Tensor, sq_norm: torch.Ten
 # --------------------------------------------------------------------------- validation
 
 
-def check_attributes(budget, alpha=3.0, beta=1.0, rho=0.9, kappa=1.0, keep_ratio=0.0) -> dict:
+def check_attributes(budget, alpha=None, beta=None, rho=None, kappa=None, keep_ratio=None) -> dict:
     """Validate the attributes (``FsrOpError``, a ValueError); return them normalised
     (see `fsr.pruning.fsr_identity.check_attributes`)."""
     return check_fsr_attributes(budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa,

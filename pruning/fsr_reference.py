@@ -40,11 +40,11 @@ def focus_scan_refine_reference(
     relevance: torch.Tensor | None = None,
     *,
     budget: int,
-    alpha: float = 3.0,
-    beta: float = 1.0,
-    rho: float = 0.9,
-    kappa: float = 1.0,
-    keep_ratio: float = 0.0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    rho: float | None = None,
+    kappa: float | None = None,
+    keep_ratio: float | None = None,
     details: bool = False,
 ):
     """Prune ``tokens [B, N, D]`` to ``K`` tokens per row: ``K = min(budget, N)``, or with

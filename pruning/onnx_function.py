@@ -75,7 +75,7 @@ _BELOW = -5.0  # below every running min-distance, TAKEN included
 _TWO24 = float(2**24)
 
 
-def fsr_node_attributes(*, budget, alpha=3.0, beta=1.0, rho=0.9, kappa=1.0, keep_ratio=0.0) -> dict:
+def fsr_node_attributes(*, budget, alpha=None, beta=None, rho=None, kappa=None, keep_ratio=None) -> dict:
     """The attribute dict of a FocusScanRefine node (validated; int budget, float32 floats)."""
     return check_attributes(budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa, keep_ratio=keep_ratio)
 
@@ -588,11 +588,11 @@ def check_fsr_model(model: onnx.ModelProto) -> int:
 def make_fsr_model(
     *,
     budget: int,
-    alpha: float = 3.0,
-    beta: float = 1.0,
-    rho: float = 0.9,
-    kappa: float = 1.0,
-    keep_ratio: float = 0.0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    rho: float | None = None,
+    kappa: float | None = None,
+    keep_ratio: float | None = None,
     num_tokens: int | str | None = None,
     token_dim: int | str = "token_dim",
     feature_dim: int | str = "feature_dim",
