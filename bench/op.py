@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+import json
+
 from fsr.bench.stats import ratio, summarize
 
 KERNEL_LIBRARY = "libfsr_kernels_test.so"
@@ -307,7 +309,8 @@ def _time_runs(fn, warmup: int, repeat: int) -> float:
 
 
 def scaling_row(*, n: int, budget: int, d: int = 4096, f: int = 1024, warmup: int = 1, repeat: int = 3,
-                kinds: tuple[str, ...] = INPUT_KINDS, torch_impls: tuple[str, ...] = ("fixed", "reference")) -> dict:
+                kinds: tuple[str, ...] = INPUT_KINDS, torch_impls: tuple[str, ...] = ("fixed", "reference"),
+                save_model: Path | None = None) -> dict:
     """What one budget costs at N tokens with the installed ``fsr``: seconds to build the op's
     ONNX model, nodes in its function body (loop bodies included), ONNX Runtime session
     seconds, and the op's median ms in ONNX Runtime and PyTorch (CPU) on each input kind.
@@ -329,6 +332,10 @@ def scaling_row(*, n: int, budget: int, d: int = 4096, f: int = 1024, warmup: in
     else:
         model = make_fsr_model(budget=budget, token_dim=d, feature_dim=f, function=build_fsr_function())
     build_s = time.perf_counter() - start
+    if save_model is not None:
+        import onnx
+
+        onnx.save(model, save_model)
     start = time.perf_counter()
     session = _ort_session(model)
     session_s = time.perf_counter() - start
@@ -349,15 +356,118 @@ def scaling_row(*, n: int, budget: int, d: int = 4096, f: int = 1024, warmup: in
     return row
 
 
+def _load_pruning(tree: Path):
+    """The ``pruning/`` package of another checkout, importable beside this one (``fsr_before.pruning``)."""
+    import importlib.util
+    import sys
+
+    name = "fsr_before_pruning"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(tree) / "pruning" / "__init__.py",
+                                                  submodule_search_locations=[str(Path(tree) / "pruning")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def interleaved_rows(*, before_tree: Path, before_models: Path, ns, budgets, d: int = 4096, f: int = 1024,
+                     repeat: int = 5, kinds: tuple[str, ...] = INPUT_KINDS) -> list[dict]:
+    """Before and after in one process, run *i* of each implementation before run *i + 1* of any
+    (so load changes hit both alike): ONNX Runtime on the saved 'before' models and on the
+    operator body, the PyTorch fixed module and reference of ``before_tree`` and of this checkout.
+    Returns one row per (N, budget) with every time's median and minimum."""
+    import torch
+
+    import onnx
+
+    from fsr.pruning import FocusScanRefineFixed, focus_scan_refine_reference
+    from fsr.pruning.onnx_function import build_fsr_function, make_fsr_model
+
+    old = _load_pruning(before_tree)
+    function = build_fsr_function()
+    rows = []
+    for n in ns:
+        for budget in budgets:
+            new_model = make_fsr_model(budget=budget, token_dim=d, feature_dim=f, function=function)
+            runs = {"onnxruntime/after": _ort_session(new_model).run,
+                    "onnxruntime/before": _ort_session(onnx.load(Path(before_models) / f"fsr_n{n}_b{budget}.onnx")).run}
+            fixed_new, fixed_old = FocusScanRefineFixed(budget), old.FocusScanRefineFixed(budget)
+            times: dict[str, list[float]] = {}
+            for kind in kinds:
+                values = op_inputs(1, n, d, f, kind=kind)
+                tensors = [torch.from_numpy(values[k]) for k in ("tokens", "features", "saliency", "relevance")]
+                calls = {
+                    f"onnxruntime/{kind}/after": lambda: runs["onnxruntime/after"](None, values),
+                    f"onnxruntime/{kind}/before": lambda: runs["onnxruntime/before"](None, values),
+                    f"torch_fixed/{kind}/after": lambda: fixed_new(*tensors),
+                    f"torch_fixed/{kind}/before": lambda: fixed_old(*tensors),
+                    f"torch_reference/{kind}/after": lambda: focus_scan_refine_reference(*tensors, budget=budget),
+                    f"torch_reference/{kind}/before": lambda: old.focus_scan_refine_reference(*tensors, budget=budget),
+                }
+                with torch.inference_mode():
+                    for call in calls.values():  # warm-up
+                        call()
+                    for _ in range(repeat):
+                        for name, call in calls.items():
+                            start = time.perf_counter()
+                            call()
+                            times.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+            row = {"num_tokens": n, "budget": budget, "token_dim": d, "feature_dim": f, "repeat": repeat,
+                   "median_ms": {k: float(np.median(v)) for k, v in times.items()},
+                   "min_ms": {k: float(min(v)) for k, v in times.items()}, "load_average": __import__("os").getloadavg()}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def scaling_markdown(before: list[dict], after: list[dict]) -> str:
+    """The before / after table of ``bench/README.md`` from two lists of `scaling_row` results."""
+    def key(row):
+        return row["num_tokens"], row["budget"]
+
+    old = {key(r): r for r in before}
+    lines = ["| N | budget (K) | build s before / after | body nodes before / after | ORT session s before / after "
+             "| ORT ms, bench inputs: before / after | ORT ms, peaky inputs: before / after "
+             "| PyTorch fixed ms (bench / peaky): before / after | PyTorch reference ms (bench / peaky): before / after |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(row, name):
+        value = (row or {}).get("ms", {}).get(name)
+        return "–" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+    def num(row, name, fmt):
+        return "–" if row is None or row.get(name) is None else format(row[name], fmt)
+
+    for row in sorted(after, key=key):
+        b = old.get(key(row))
+        k = min(row["budget"], row["num_tokens"])
+        lines.append(
+            f"| {row['num_tokens']} | {row['budget']} ({k}) | {num(b, 'build_s', '.1f')} / {row['build_s']:.2f} "
+            f"| {num(b, 'body_nodes', 'd')} / {row['body_nodes']} | {num(b, 'session_s', '.2f')} / {row['session_s']:.2f} "
+            f"| {ms(b, 'onnxruntime/bench')} / {ms(row, 'onnxruntime/bench')} "
+            f"| {ms(b, 'onnxruntime/peaky')} / {ms(row, 'onnxruntime/peaky')} "
+            f"| {ms(b, 'torch_fixed/bench')} / {ms(b, 'torch_fixed/peaky')} → {ms(row, 'torch_fixed/bench')} / "
+            f"{ms(row, 'torch_fixed/peaky')} "
+            f"| {ms(b, 'torch_reference/bench')} / {ms(b, 'torch_reference/peaky')} → "
+            f"{ms(row, 'torch_reference/bench')} / {ms(row, 'torch_reference/peaky')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     """``python bench/op.py scaling --n 576,2880 --budgets 64,192,320,640 --jsonl out.jsonl``:
-    one `scaling_row` per (N, budget), each appended to the JSON-lines file as it finishes."""
+    one `scaling_row` per (N, budget), each appended to the JSON-lines file as it finishes.
+    ``python bench/op.py table --before before.jsonl --after after.jsonl``: the markdown table."""
     import argparse
     import json
     import os as _os
 
     parser = argparse.ArgumentParser(prog="bench/op.py", description=main.__doc__)
-    parser.add_argument("mode", choices=["scaling"])
+    parser.add_argument("mode", choices=["scaling", "table", "interleaved"])
+    parser.add_argument("--save-models", type=Path, help="scaling: keep each built model here as fsr_n<N>_b<budget>.onnx")
+    parser.add_argument("--before-tree", type=Path, help="interleaved: checkout whose pruning/ is the 'before' PyTorch code")
+    parser.add_argument("--before-models", type=Path, help="interleaved: the --save-models folder of a 'before' run")
     parser.add_argument("--n", default="576,2880")
     parser.add_argument("--budgets", default="64,192,320,640")
     parser.add_argument("--d", type=int, default=4096)
@@ -365,12 +475,34 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--kinds", default=",".join(INPUT_KINDS))
     parser.add_argument("--torch", default="fixed,reference", help="PyTorch implementations to time ('' for none)")
-    parser.add_argument("--jsonl", type=Path, required=True)
+    parser.add_argument("--jsonl", type=Path)
+    parser.add_argument("--before", type=Path)
+    parser.add_argument("--after", type=Path)
     args = parser.parse_args(argv)
+    if args.mode == "table":
+        def read(path):
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+        print(scaling_markdown(read(args.before), read(args.after)), end="")
+        return 0
+    if args.jsonl is None:
+        parser.error(f"{args.mode} needs --jsonl")
+    if args.mode == "interleaved":
+        rows = interleaved_rows(before_tree=args.before_tree, before_models=args.before_models,
+                                ns=tuple(map(int, args.n.split(","))), budgets=tuple(map(int, args.budgets.split(","))),
+                                d=args.d, f=args.f, repeat=args.repeat, kinds=tuple(args.kinds.split(",")))
+        with open(args.jsonl, "a") as out:
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+        return 0
+    if args.save_models is not None:
+        args.save_models.mkdir(parents=True, exist_ok=True)
     for n in map(int, args.n.split(",")):
         for budget in map(int, args.budgets.split(",")):
+            saved = None if args.save_models is None else args.save_models / f"fsr_n{n}_b{budget}.onnx"
             row = scaling_row(n=n, budget=budget, d=args.d, f=args.f, repeat=args.repeat,
-                              kinds=tuple(args.kinds.split(",")), torch_impls=tuple(filter(None, args.torch.split(","))))
+                              kinds=tuple(args.kinds.split(",")), torch_impls=tuple(filter(None, args.torch.split(","))),
+                              save_model=saved)
             row["load_average"] = _os.getloadavg()
             with open(args.jsonl, "a") as out:
                 out.write(json.dumps(row) + "\n")

@@ -133,17 +133,20 @@ class FocusScanRefineFixed(torch.nn.Module):
         focus = select_largest(phi, kf, phi_sorted)  # [B, N]
 
         # Running min-distance to the focus set, from the focus tokens' columns (only when
-        # Scan runs: with no Scan step anywhere a single column is computed and not used).
+        # Scan runs).
         f = features.to(torch.float32)
-        sq_norm = self_dots(f)
         steps = k - kf  # [B] = |S|
-        width = int(kf.max()) if bool((steps > 0).any()) else 1
-        columns = first_indices(focus, width)  # [B, width]: focus tokens first
-        real = torch.arange(width, device=device) < kf.unsqueeze(-1)
-        columns = torch.where(real, columns, columns[:, :1])  # pad with a focus token: same minimum
-        cos = column_cosines(f @ _rows(f, columns).transpose(-1, -2), columns, sq_norm)
-        # min_j (1 - cos) == 1 - max_j cos: rounding 1 - x is monotone.
-        dmin = torch.where(focus, TAKEN, 1.0 - cos.amax(dim=-1))  # [B, N]
+        if bool((steps > 0).any()):
+            sq_norm = self_dots(f)
+            width = int(kf.max())
+            columns = first_indices(focus, width)  # [B, width]: focus tokens first
+            real = torch.arange(width, device=device) < kf.unsqueeze(-1)
+            columns = torch.where(real, columns, columns[:, :1])  # pad with a focus token: same minimum
+            cos = column_cosines(f @ _rows(f, columns).transpose(-1, -2), columns, sq_norm)
+            # min_j (1 - cos) == 1 - max_j cos: rounding 1 - x is monotone.
+            dmin = torch.where(focus, TAKEN, 1.0 - cos.amax(dim=-1))  # [B, N]
+        else:  # no Scan step anywhere: the focus set is what is kept
+            sq_norm, dmin = None, torch.where(focus, TAKEN, 0.0)
 
         # Scan, block by block.
         done = torch.zeros_like(steps)

@@ -304,19 +304,23 @@ def _build_body(scan_block: int) -> tuple[list[onnx.NodeProto], list[onnx.Attrib
     f = g.cast(features, _FLOAT)
     f_flat = g("Flatten", f, axis=2)
     base = g.unsqueeze(g("Mul", g("Range", g.const(0, np.int64), g.squeeze(b1, 0), g.const(1, np.int64)), n), 1)
-    # n_i: squares added one at a time in k order (convention 6), a CumSum over F.
-    squares = g("Mul", *[g("Transpose", f, perm=[0, 2, 1])] * 2)  # [B, F, N]: sequential over F, vector over N
-    last = g("Sub", g("Gather", g("Shape", features), g.const(2, np.int64), axis=0), g.const(1, np.int64))
-    sq_norm = g("Gather", g("CumSum", squares, g.const(1, np.int64)), last, axis=1, out="sq_norm")  # [B, N]
     steps = g("Sub", k, kf, out="steps")  # [B] = |S|
     steps_max = g.reduce("ReduceMax", steps, 0, 0)
     no_scan = g("Equal", steps_max, g.const(0, np.int64))
+    # n_i: squares added one at a time in k order (convention 6), a CumSum over F. Only Scan reads
+    # them: with no Scan step anywhere, token 0's alone (the one column below is then token 0's).
+    rows = g("Where", no_scan, g.const([1], np.int64), n1)
+    f_used = g("Slice", f, g.const([0], np.int64), rows, g.const([1], np.int64))
+    squares = g("Mul", *[g("Transpose", f_used, perm=[0, 2, 1])] * 2)  # [B, F, N]: sequential over F, vector over N
+    last = g("Sub", g("Gather", g("Shape", features), g.const(2, np.int64), axis=0), g.const(1, np.int64))
+    sq_norm = g("Gather", g("CumSum", squares, g.const(1, np.int64)), last, axis=1, out="sq_norm")  # [B, N]
     width = g.unsqueeze(g("Where", no_scan, g.const(1, np.int64), g.reduce("ReduceMax", kf, 0, 0)), 0)
     columns = _first_indices(g, focus, width, iota_f, n_f)
     real = g("Less", g.unsqueeze(g("Range", g.const(0, np.int64), g.squeeze(width, 0), g.const(1, np.int64)), 0),
              g.unsqueeze(kf, 1))
     columns = g("Where", real, columns, g("Slice", columns, g.const([0], np.int64), g.const([1], np.int64),
                                           g.const([1], np.int64)))  # pad with a focus token: same minimum
+    columns = g("Where", no_scan, g.const(0, np.int64), columns)
     cos = _column_cosines(g, f, f_flat, base, columns, sq_norm)
     # min_j (1 - cos) == 1 - max_j cos: rounding 1 - x is monotone.
     nearest = g("Sub", g.const(1.0), g.reduce("ReduceMax", cos, 2, 0))
