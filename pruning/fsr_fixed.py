@@ -23,8 +23,8 @@ Formulation (K = `kept_count`, K_F, |S| and M are [B] tensors; every branch is a
   takes (benchmark inputs at N = 2,880, K = 320: 13 blocks of 32 instead of 319 steps).
 - Refine: j*(i) and its similarity are kept up to date over the anchors as they are taken
   (ties to the lower anchor index); D_top is the M most similar discarded tokens selected by
-  value as for Focus; the merge sums only D_top rows: a [K, M] weight matrix times the M
-  gathered tokens.
+  value as for Focus; the merge touches only the A anchors that receive D_top tokens: an
+  [A, M] weight matrix times the M gathered token rows; every other kept row is gathered as is.
 """
 
 from __future__ import annotations
@@ -173,15 +173,24 @@ class FocusScanRefineFixed(torch.nn.Module):
         member = torch.arange(width, device=device) < limit.unsqueeze(-1)  # [B, W]
         anchor_of = torch.gather(best_anchor, 1, members).clamp(max=n - 1)  # padding: any valid index
         target = torch.gather(slot_of, 1, anchor_of)  # [B, W] the kept slot of j*(i)
-        assigned = member.unsqueeze(1) & (target.unsqueeze(1) == torch.arange(k, device=device)[:, None])
-        weight = torch.where(assigned, torch.gather(phi, 1, members).unsqueeze(1), 0.0)  # [B, K, W]
-        phi_kept = torch.gather(phi, 1, kept)  # [B, K]
-        numerator = phi_kept.unsqueeze(-1) * kept_tokens.to(torch.float32) + weight @ _rows(
+        # The kept slots that receive D_top tokens ("groups", ascending): only their rows are merged.
+        slots = torch.arange(k, device=device)
+        is_target = (member.unsqueeze(1) & (target.unsqueeze(1) == slots[:, None])).any(dim=-1)  # [B, K]
+        groups = first_indices(is_target, max(int(is_target.sum(dim=-1).max()), 1))  # [B, A]
+        assigned = member.unsqueeze(1) & (target.unsqueeze(1) == groups.unsqueeze(-1))  # [B, A, W]
+        weight = torch.where(assigned, torch.gather(phi, 1, members).unsqueeze(1), 0.0)
+        group_token = torch.gather(kept, 1, groups)  # [B, A]
+        phi_group = torch.gather(phi, 1, group_token)
+        numerator = phi_group.unsqueeze(-1) * _rows(tokens, group_token).to(torch.float32) + weight @ _rows(
             tokens, members).to(torch.float32)
-        denominator = phi_kept + weight.sum(dim=-1)
-        merge = (assigned.any(dim=-1) & (denominator != 0)).unsqueeze(-1)
-        merged = numerator / torch.where(merge, denominator.unsqueeze(-1), 1.0)
-        pruned = torch.where(merge, merged.to(tokens.dtype), kept_tokens)
+        denominator = phi_group + weight.sum(dim=-1)  # [B, A]
+        nonzero = denominator != 0
+        merged = (numerator / torch.where(nonzero, denominator, 1.0).unsqueeze(-1)).to(tokens.dtype)
+        # Each kept slot: its merged row when it is a group with a non-zero denominator, else its token.
+        position = (torch.cumsum(is_target.to(torch.int64), dim=-1) - is_target.to(torch.int64)).clamp(
+            max=groups.shape[-1] - 1)
+        use = is_target & torch.gather(nonzero, 1, position)
+        pruned = torch.where(use.unsqueeze(-1), _rows(merged, position), kept_tokens)
         return pruned, kept
 
     def _scan_block(self, f, sq_norm, dmin, done, steps, best_sim, best_anchor, index):

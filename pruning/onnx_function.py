@@ -300,7 +300,7 @@ def _build_body(scan_block: int) -> tuple[list[onnx.NodeProto], list[onnx.Attrib
     focus = _select_largest(g, phi, kf, phi_sorted)
 
     # Running min-distance to the focus set, from the focus tokens' columns (only when Scan
-    # runs: with no Scan step anywhere a single column is computed and not used).
+    # runs: with no Scan step anywhere one column of token 0 is computed and not used).
     f = g.cast(features, _FLOAT)
     f_flat = g("Flatten", f, axis=2)
     base = g.unsqueeze(g("Mul", g("Range", g.const(0, np.int64), g.squeeze(b1, 0), g.const(1, np.int64)), n), 1)
@@ -309,8 +309,8 @@ def _build_body(scan_block: int) -> tuple[list[onnx.NodeProto], list[onnx.Attrib
     no_scan = g("Equal", steps_max, g.const(0, np.int64))
     # n_i: squares added one at a time in k order (convention 6), a CumSum over F. Only Scan reads
     # them: with no Scan step anywhere, token 0's alone (the one column below is then token 0's).
-    rows = g("Where", no_scan, g.const([1], np.int64), n1)
-    f_used = g("Slice", f, g.const([0], np.int64), rows, g.const([1], np.int64))
+    norm_rows = g("Where", no_scan, g.const([1], np.int64), n1)
+    f_used = g("Slice", f, g.const([0], np.int64), norm_rows, g.const([1], np.int64))
     squares = g("Mul", *[g("Transpose", f_used, perm=[0, 2, 1])] * 2)  # [B, F, N]: sequential over F, vector over N
     last = g("Sub", g("Gather", g("Shape", features), g.const(2, np.int64), axis=0), g.const(1, np.int64))
     sq_norm = g("Gather", g("CumSum", squares, g.const(1, np.int64)), last, axis=1, out="sq_norm")  # [B, N]
@@ -409,7 +409,7 @@ def _build_body(scan_block: int) -> tuple[list[onnx.NodeProto], list[onnx.Attrib
     kept = _first_indices(g, taken, k1, iota_f, n_f)
     g.nodes.append(helper.make_node("Identity", [kept], ["kept_indices"], name=g.names("kept_indices_node")))
     tokens_flat = g("Flatten", tokens, axis=2)
-    kept_tokens = _rows(g, tokens_flat, kept, base)
+    kept_tokens = _rows(g, tokens_flat, kept, base)  # [B, K, D], untouched unless merged
     taken_f = g.cast(taken, _FLOAT)
     slot_of = g("CumSum", taken_f, g.const(1, np.int64), exclusive=1, out="slot_of")  # exact counts
     members = _first_indices(g, top, width, iota_f, n_f)
@@ -417,18 +417,33 @@ def _build_body(scan_block: int) -> tuple[list[onnx.NodeProto], list[onnx.Attrib
                g.unsqueeze(limit, 1))
     anchor_of = g("Min", g("GatherElements", best_anchor, members, axis=1), g("Sub", n_f, g.const(1.0)))
     target = g("GatherElements", slot_of, g.cast(anchor_of, _INT64), axis=1)  # [B, W] kept slot of j*(i)
-    slot_iota = g.unsqueeze(g.cast(g("Range", g.const(0, np.int64), k, g.const(1, np.int64)), _FLOAT), 1)  # [K, 1]
-    assigned = g("And", g.unsqueeze(member, 1), g("Equal", g.unsqueeze(target, 1), slot_iota), out="assigned")
+    # The kept slots that receive D_top tokens ("groups", ascending): only their rows are merged.
+    slot_iota_f = g.cast(g("Range", g.const(0, np.int64), k, g.const(1, np.int64)), _FLOAT)  # [K]
+    hits = g("And", g.unsqueeze(member, 1), g("Equal", g.unsqueeze(target, 1), g.unsqueeze(slot_iota_f, 1)))
+    is_target = g("Greater", g.reduce("ReduceMax", g.cast(hits, _FLOAT), 2, 0), g.const(0.0))  # [B, K]
+    is_target_f = g.cast(is_target, _FLOAT)
+    count = g.cast(g.reduce("ReduceSum", is_target_f, 1, 0), _INT64)
+    group_width = g.unsqueeze(g("Max", g.reduce("ReduceMax", count, 0, 0), g.const(1, np.int64)), 0)
+    groups = _first_indices(g, is_target, group_width, slot_iota_f, g.cast(k, _FLOAT))  # [B, A] kept slots
+    assigned = g("And", g.unsqueeze(member, 1),
+                 g("Equal", g.unsqueeze(target, 1), g.unsqueeze(g.cast(groups, _FLOAT), 2)), out="assigned")
     weight = g("Where", assigned, g.unsqueeze(g("GatherElements", phi, members, axis=1), 1), g.const(0.0))
-    phi_kept = g("GatherElements", phi, kept, axis=1)
-    numerator = g("Add", g("Mul", g.unsqueeze(phi_kept, 2), g.cast(kept_tokens, _FLOAT)),
+    group_token = g("GatherElements", kept, groups, axis=1)  # [B, A] original index of each merged anchor
+    phi_group = g("GatherElements", phi, group_token, axis=1)
+    numerator = g("Add", g("Mul", g.unsqueeze(phi_group, 2), g.cast(_rows(g, tokens_flat, group_token, base), _FLOAT)),
                   g("MatMul", weight, g.cast(_rows(g, tokens_flat, members, base), _FLOAT)), out="numerator")
-    denominator = g("Add", phi_kept, g.reduce("ReduceSum", weight, 2, 0), out="denominator")
-    merge = g("And", g("Greater", g.reduce("ReduceMax", g.cast(assigned, _FLOAT), 2, 0), g.const(0.0)),
-              g("Not", g("Equal", denominator, g.const(0.0))))
-    merge = g.unsqueeze(merge, 2)
-    merged = g("Div", numerator, g("Where", merge, g.unsqueeze(denominator, 2), g.const(1.0)))
-    g.nodes.append(helper.make_node("Where", [merge, g("CastLike", merged, tokens), kept_tokens], ["pruned"],
+    denominator = g("Add", phi_group, g.reduce("ReduceSum", weight, 2, 0), out="denominator")  # [B, A]
+    nonzero = g("Not", g("Equal", denominator, g.const(0.0)))
+    merged = g("CastLike", g("Div", numerator, g.unsqueeze(g("Where", nonzero, denominator, g.const(1.0)), 2)),
+               tokens)  # [B, A, D]
+    # Each kept slot: its merged row when it is a group with a non-zero denominator, else its token.
+    position = g.cast(g("CumSum", is_target_f, g.const(1, np.int64), exclusive=1), _INT64)  # [B, K]
+    position = g("Min", position, g("Sub", g.squeeze(group_width, 0), g.const(1, np.int64)))
+    use = g("And", is_target, g("GatherElements", nonzero, position, axis=1))
+    group_base = g.unsqueeze(g("Mul", g("Range", g.const(0, np.int64), g.squeeze(b1, 0), g.const(1, np.int64)),
+                                g.squeeze(group_width, 0)), 1)
+    merged_rows = _rows(g, g("Flatten", merged, axis=2), position, group_base)  # [B, K, D]
+    g.nodes.append(helper.make_node("Where", [g.unsqueeze(use, 2), merged_rows, kept_tokens], ["pruned"],
                                     name=g.names("pruned_node")))
 
     defaults = [helper.make_attribute(name, FSR_ATTRIBUTE_DEFAULTS[name]) for name in FSR_ATTRIBUTES
