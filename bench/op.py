@@ -422,43 +422,50 @@ def interleaved_rows(*, before_tree: Path, before_models: Path, ns, budgets, d: 
     return rows
 
 
-def scaling_markdown(before: list[dict], after: list[dict]) -> str:
-    """The before / after table of ``bench/README.md`` from two lists of `scaling_row` results."""
+def scaling_markdown(before: list[dict], after: list[dict], interleaved: list[dict] | None = None) -> str:
+    """The before / after table of ``bench/README.md``: build cost from `scaling_row` results of
+    each checkout; op times from ``interleaved`` (`interleaved_rows`, both measured in one run)
+    when given, else from the two scaling runs."""
     def key(row):
         return row["num_tokens"], row["budget"]
 
     old = {key(r): r for r in before}
-    lines = ["| N | budget (K) | build s before / after | body nodes before / after | ORT session s before / after "
-             "| ORT ms, bench inputs: before / after | ORT ms, peaky inputs: before / after "
-             "| PyTorch fixed ms (bench / peaky): before / after | PyTorch reference ms (bench / peaky): before / after |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    both = {key(r): r for r in interleaved or []}
 
-    def ms(row, name):
-        value = (row or {}).get("ms", {}).get(name)
+    def ms(row, impl, kind, side):
+        if both:
+            value = both.get(key(row), {}).get("median_ms", {}).get(f"{impl}/{kind}/{side}")
+        else:
+            value = ((old.get(key(row)) if side == "before" else row) or {}).get("ms", {}).get(f"{impl}/{kind}")
         return "–" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
-    def num(row, name, fmt):
-        return "–" if row is None or row.get(name) is None else format(row[name], fmt)
+    def num(r, name, fmt):
+        return "–" if r is None or r.get(name) is None else format(r[name], fmt)
 
+    lines = ["| N | budget (K) | build s | body nodes | ORT session s | ORT ms, bench inputs | ORT ms, peaky inputs "
+             "| PyTorch fixed ms, bench / peaky | PyTorch reference ms, bench / peaky |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(after, key=key):
         b = old.get(key(row))
         k = min(row["budget"], row["num_tokens"])
+        pair = lambda impl, kind: f"{ms(row, impl, kind, 'before')} → {ms(row, impl, kind, 'after')}"  # noqa: E731
         lines.append(
-            f"| {row['num_tokens']} | {row['budget']} ({k}) | {num(b, 'build_s', '.1f')} / {row['build_s']:.2f} "
-            f"| {num(b, 'body_nodes', 'd')} / {row['body_nodes']} | {num(b, 'session_s', '.2f')} / {row['session_s']:.2f} "
-            f"| {ms(b, 'onnxruntime/bench')} / {ms(row, 'onnxruntime/bench')} "
-            f"| {ms(b, 'onnxruntime/peaky')} / {ms(row, 'onnxruntime/peaky')} "
-            f"| {ms(b, 'torch_fixed/bench')} / {ms(b, 'torch_fixed/peaky')} → {ms(row, 'torch_fixed/bench')} / "
-            f"{ms(row, 'torch_fixed/peaky')} "
-            f"| {ms(b, 'torch_reference/bench')} / {ms(b, 'torch_reference/peaky')} → "
-            f"{ms(row, 'torch_reference/bench')} / {ms(row, 'torch_reference/peaky')} |")
+            f"| {row['num_tokens']} | {row['budget']} ({k}) | {num(b, 'build_s', '.1f')} → {row['build_s']:.2f} "
+            f"| {num(b, 'body_nodes', 'd')} → {row['body_nodes']} | {num(b, 'session_s', '.2f')} → {row['session_s']:.2f} "
+            f"| {pair('onnxruntime', 'bench')} | {pair('onnxruntime', 'peaky')} "
+            f"| {ms(row, 'torch_fixed', 'bench', 'before')} / {ms(row, 'torch_fixed', 'peaky', 'before')} → "
+            f"{ms(row, 'torch_fixed', 'bench', 'after')} / {ms(row, 'torch_fixed', 'peaky', 'after')} "
+            f"| {ms(row, 'torch_reference', 'bench', 'before')} / {ms(row, 'torch_reference', 'peaky', 'before')} → "
+            f"{ms(row, 'torch_reference', 'bench', 'after')} / {ms(row, 'torch_reference', 'peaky', 'after')} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     """``python bench/op.py scaling --n 576,2880 --budgets 64,192,320,640 --jsonl out.jsonl``:
     one `scaling_row` per (N, budget), each appended to the JSON-lines file as it finishes.
-    ``python bench/op.py table --before before.jsonl --after after.jsonl``: the markdown table."""
+    ``python bench/op.py interleaved --before-tree OLD --before-models DIR --jsonl both.jsonl``: op times
+    of both checkouts in one run. ``python bench/op.py table --before before.jsonl --after after.jsonl
+    [--jsonl both.jsonl]``: the markdown table."""
     import argparse
     import json
     import os as _os
@@ -483,7 +490,8 @@ def main(argv=None) -> int:
         def read(path):
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-        print(scaling_markdown(read(args.before), read(args.after)), end="")
+        both = read(args.jsonl) if args.jsonl is not None and args.jsonl.exists() else None
+        print(scaling_markdown(read(args.before), read(args.after), both), end="")
         return 0
     if args.jsonl is None:
         parser.error(f"{args.mode} needs --jsonl")
