@@ -10,9 +10,12 @@ dimension          prefill / any other graph   decode (graphs with a KV cache on
 ``sequence``       1, S, max_seq               1, 1, 1
 ``past_sequence``  0, 0, 0                     0, P, max_seq - 1
 ``total_sequence`` 1, S, max_seq               1, P + 1, max_seq
+``num_tokens``     1, crop tokens, image tokens  (prune graphs of multi-crop families: tokens per row)
 static ``n``       n, n, n                     n, n, n
 =================  ==========================  =====================================
 
+The vision graph's ``batch`` is its rows: up to ``ceil(image tokens / crop tokens)`` per image
+(one for a one-crop family, the most crops for a multi-crop one).
 ``max_seq`` is the longest context (prompt with its image tokens, plus generated
 tokens). The opt lengths come from the export: ``S = min(max_seq, kept image tokens +
 64)`` (a typical prompt), ``P = min(max_seq - 1, S)``.
@@ -30,7 +33,7 @@ import dataclasses
 from fsr.errors import FsrError
 from fsr.manifest import Manifest, TensorInfo
 
-KNOWN_DIMS = ("batch", "sequence", "past_sequence", "total_sequence")
+KNOWN_DIMS = ("batch", "sequence", "past_sequence", "total_sequence", "num_tokens")
 TYPICAL_TEXT_TOKENS = 64
 
 
@@ -92,6 +95,11 @@ def graph_profiles(manifest: Manifest, graph: str, max_batch: int, max_seq: int)
                "past_sequence": (0, 0, 0), "total_sequence": (1, s, max_seq)}
     decode = {"batch": (1, 1, max_batch), "sequence": (1, 1, 1),
               "past_sequence": (0, p, max_seq - 1), "total_sequence": (1, p + 1, max_seq)}
+    # a multi-crop family's vision graph runs one row per crop; its prune graphs any token count per row
+    rows = max(1, -(-manifest.image.num_image_tokens // manifest.vision.tokens_per_crop)) if graph == "vision" else 1
+    tokens = (1, manifest.vision.tokens_per_crop, max(manifest.vision.tokens_per_crop, manifest.image.num_image_tokens))
+    prefill["batch"] = (1, 1, max_batch * rows)
+    prefill["num_tokens"] = decode["num_tokens"] = tokens
     has_cache = any(d == "past_sequence" for i in entry.inputs for d in i.shape)
     ranges = [("prefill", prefill), ("decode", decode)] if has_cache else [("default", prefill)]
     used = [d for d in KNOWN_DIMS if any(d in i.shape for i in entry.inputs)]

@@ -12,6 +12,8 @@ reads and puts its op into the vision graph. The export folder::
     manifest.json        what is here, how it was made, hashes (fsr.manifest.Manifest)
     source/              the source model as a standard HF checkpoint (+ processor, + clip/)
     vision.onnx          pixels (+ instruction embedding) -> image_tokens [B,K,H] (+ kept_indices)
+                         (multi-crop families: the tower's outputs per crop; the op is in prune_b*.onnx)
+    prune_b<K>.onnx      multi-crop families only: the method's op alone, budget K per row, any N
     embed.onnx           token ids -> LLM input embeddings
     decoder.onnx         prefill and decode (or decoder_0.onnx, ... per segment)
     text_encoder.onnx    CLIP text tower (only when relevance comes from CLIP)
@@ -121,7 +123,7 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
     relevance = spec.relevance_info(loaded, method.relevance_mode(settings.method_settings))
     names = ["vision", "embed"] + (["text_encoder"] if relevance.source == CLIP_RELEVANCE else [])
     names += [s.graph for s in segments]
-    return Manifest(
+    manifest = Manifest(
         family=spec.name,
         model=ModelInfo(loaded.source, loaded.path, loaded.preset, config.model_type, loaded.random_weights),
         method=MethodInfo(method.name, settings.method_settings.to_json()),
@@ -135,6 +137,9 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         packages=package_versions(),
     )
+    prune = spec.prune_graph_names(config, manifest)  # the method's op on host-gathered rows (multi-crop families)
+    manifest.graphs = {name: GraphEntry([], [], []) for name in names[:2] + prune + names[2:]}
+    return manifest
 
 
 # ----------------------------------------------------------------------------- export
@@ -192,6 +197,8 @@ def _step(graph: GraphSpec) -> str:
     if graph.role == "decoder":
         first, last = graph.module.start, graph.module.stop - 1
         return f"tracing the {graph.name} graph (LLM layers {first}..{last}, prefill + decode)"
+    if graph.role == "prune":
+        return f"tracing the {graph.name} graph (the pruning op alone, per gathered row)"
     what = {"vision": "vision", "embed": "token-embedding", "text_encoder": "CLIP text-encoder"}[graph.role]
     return f"tracing the {what} graph"
 

@@ -121,6 +121,7 @@ def build_processor(preset: Preset) -> LlavaProcessor:
 @register_family("llava")
 class LlavaSpec(ModelSpec):
     presets = PRESETS
+    model_class = LlavaForConditionalGeneration
     clip_subfolder = CLIP_SUBFOLDER
     clip_max_tokens = CLIP_MAX_TOKENS
 
@@ -164,9 +165,9 @@ class LlavaSpec(ModelSpec):
 
     def load_checkpoint(self, path, *, source: str, clip: str | None, dtype: torch.dtype) -> LoadedModel:
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+            model = self.model_class.from_pretrained(path, dtype=dtype).eval()
         except Exception as exc:
-            raise ModelError(f"{path} could not be loaded as a LLaVA checkpoint: {exc}") from exc
+            raise ModelError(f"{path} could not be loaded as a {self.name} checkpoint: {exc}") from exc
         processor = AutoProcessor.from_pretrained(path)
         clip_path = Path(clip) if clip else Path(path) / CLIP_SUBFOLDER
         clip_model = clip_tokenizer = None

@@ -65,6 +65,10 @@ class VisionTower(nn.Module):
     def input_names(self) -> list[str]:
         return ["pixel_values"] + (["instruction_embeds"] if "relevance" in self.outputs else [])
 
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
     def cls_saliency(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """[CLS]-row attention of ``layer`` (input ``hidden``), mean over heads, patch columns."""
         attn = layer.self_attn
@@ -116,6 +120,14 @@ class VisionWithMethod(nn.Module):
                 return (self.projector(result[0]), *result[1:])
             return self.projector(result)
         return result
+
+
+class OpInputs(nn.Module):
+    """Its inputs as its outputs: traced, it is the graph a method's op is spliced into when the op
+    runs alone (rows the host gathered; `fsr.models.spec.ModelSpec.prune_graph`)."""
+
+    def forward(self, *inputs: torch.Tensor):
+        return tuple(x + 0 if x.is_floating_point() else x for x in inputs)
 
 
 class TokenEmbedding(nn.Module):

@@ -42,7 +42,7 @@ from transformers.utils import logging as hf_logging
 from fsr.errors import InputError
 from fsr.manifest import SOURCE_DIR, LLMDims, Manifest, RelevanceInfo, VisionDims
 from fsr.models.parts import (
-    ClipTextEncoder, DecoderStep, TokenEmbedding, VisionTower, VisionWithMethod,
+    ClipTextEncoder, DecoderStep, OpInputs, TokenEmbedding, VisionTower, VisionWithMethod,
 )
 from fsr.models.registry import ModelError, check_checkpoint, read_config, resolve_model_path
 from fsr.pruning.methods import BEFORE_PROJECTOR, get_method
@@ -129,6 +129,24 @@ class ImageFeatures:
 
 
 @dataclasses.dataclass
+class HostPruning:
+    """A method's op run on rows the host gathered (a family with ``host_pruning``): ``run(budget,
+    feeds)`` runs the export's ``prune_b<budget>`` graph on ``feeds`` (the method's ``inputs``, each
+    [R, N, ...]) -> (pruned [R, K, D], kept_indices [R, K]); ``budget`` is the total per image and
+    ``scope`` "crop" (one row per crop, the total split over them) or "image" (one row per image)."""
+
+    run: Callable[[int, dict], tuple]
+    inputs: tuple[str, ...]
+    budget: int
+    scope: str
+
+
+def prune_graph_name(budget: int) -> str:
+    """The export's graph that runs the method's op with this per-row budget (host pruning)."""
+    return f"prune_b{budget}"
+
+
+@dataclasses.dataclass
 class PrefillInputs:
     """The prefill's inputs, left padded: ``inputs_embeds`` [B,S,H], ``attention_mask``
     [B,S], ``position_ids`` [B,S] (a family with multi-axis positions gives more leading
@@ -151,6 +169,10 @@ class ModelSpec:
     presets: ClassVar[dict[str, Any]] = {}
     clip_subfolder: ClassVar[str] = "clip"  # where a CLIP model (relevance) sits in a checkpoint / source/
     clip_max_tokens: ClassVar[int | None] = None  # the CLIP text context (chunk length of instructions)
+    #: True: the vision graph returns the tower's outputs per crop and the method's op runs in
+    #: ``prune_b<budget>`` graphs on rows the host gathers (`image_features` with a `HostPruning`)
+    host_pruning: ClassVar[bool] = False
+    scopes: ClassVar[tuple[str, ...]] = ("crop", "image")  # pruning scopes (the same for one-crop families)
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -264,6 +286,7 @@ class ModelSpec:
     def graphs(self, loaded: LoadedModel, manifest: Manifest, form: str = EXPORT) -> list[GraphSpec]:
         """Every graph ``manifest`` plans, in export order: vision, embed, text_encoder, decoder segments."""
         out = [self.vision_graph(loaded, manifest, form), self.embed_graph(loaded)]
+        out += [self.prune_graph(loaded, manifest, name, form) for name in self.prune_graph_names(loaded.config, manifest)]
         if manifest.relevance.source == CLIP_RELEVANCE:
             out.append(self.text_encoder_graph(loaded, manifest))
         dtype = TORCH_DTYPES[manifest.dtype]
@@ -276,6 +299,8 @@ class ModelSpec:
             return self.vision_graph(loaded, manifest, form)
         if name == "embed":
             return self.embed_graph(loaded)
+        if name in self.prune_graph_names(loaded.config, manifest):
+            return self.prune_graph(loaded, manifest, name, form)
         if name == "text_encoder" and manifest.relevance.source == CLIP_RELEVANCE:
             return self.text_encoder_graph(loaded, manifest)
         for s in manifest.decoder_segments:
@@ -295,9 +320,14 @@ class ModelSpec:
         names = tower.input_names
         dtype = TORCH_DTYPES[manifest.dtype]
         batch = torch.export.Dim("batch")
-        spec = GraphSpec("vision", "vision", tower, names, list(tower.outputs),
+        spec = GraphSpec("vision", "vision", tower, names, tower.output_names,
                          example_inputs=lambda: self.vision_example_inputs(loaded, names, relevance, dtype),
                          dynamic_shapes=tuple({0: batch} for _ in names))
+        if self.host_pruning:  # the op runs in the prune graphs
+            if method.prunes and before:
+                raise ModelError(f"the {self.name} family prunes crops on the host after the projector; method "
+                                 f"{method.name!r} runs before the projector and cannot be exported for it")
+            return spec
         if form == EXPORT:
             spec.attach = lambda graph: method.attach(graph, settings, relevance=relevance is not None)
             spec.projector = projector
@@ -309,6 +339,54 @@ class ModelSpec:
         else:
             raise ValueError(f"unknown graph form {form!r}")
         spec.module = VisionWithMethod(tower, op, projector)
+        spec.output_names = list(method.outputs())
+        return spec
+
+    # -- pruning on host-gathered rows (families with ``host_pruning``) -------------------------
+
+    def pruning_budgets(self, config, budget: int, scope: str) -> list[int]:
+        """Every per-row budget a total of ``budget`` per image needs in ``scope``."""
+        return [budget]
+
+    def prune_graph_names(self, config, manifest: Manifest) -> list[str]:
+        """The export's ``prune_b<budget>`` graphs (none unless the family prunes on the host)."""
+        method = get_method(manifest.method.name)
+        if not self.host_pruning or not method.prunes:
+            return []
+        settings = method.settings_from_json(manifest.method.settings)
+        return [prune_graph_name(b) for b in self.pruning_budgets(config, method.budget(settings),
+                                                                  method.scope(settings))]
+
+    def prune_graph(self, loaded: LoadedModel, manifest: Manifest, name: str, form: str = EXPORT) -> GraphSpec:
+        """The method's op alone with the budget in the graph's name, on rows of any token count
+        (inputs: the method's tower outputs [R, N, ...])."""
+        method = get_method(manifest.method.name)
+        relevance = manifest.relevance.source
+        settings = method.with_budget(method.settings_from_json(manifest.method.settings),
+                                      int(name.removeprefix(prune_graph_name(0)[:-1])))
+        inputs = list(method.inputs(settings, relevance is not None))
+        tower = self.vision_tower(loaded, tuple(inputs), relevance)
+        example_names = tower.input_names
+        dtype = TORCH_DTYPES[manifest.dtype]
+
+        def example():
+            with torch.no_grad():
+                out = tower(*self.vision_example_inputs(loaded, example_names, relevance, dtype)[:len(example_names)])
+            out = out if isinstance(out, tuple) else (out,)
+            return tuple(o.contiguous() for o in out[:len(inputs)])
+
+        batch, tokens = torch.export.Dim("batch"), torch.export.Dim("num_tokens", min=2)
+        spec = GraphSpec(name, "prune", OpInputs(), inputs, list(inputs), example_inputs=example,
+                         dynamic_shapes=(tuple({0: batch, 1: tokens} for _ in inputs),))  # forward(*inputs)
+        if form == EXPORT:
+            spec.attach = lambda graph: method.attach(graph, settings, relevance=relevance is not None)
+            return spec
+        if form == TORCH:
+            spec.module = method.torch_module(settings, relevance=relevance is not None)
+        elif form == REFERENCE:
+            spec.module = ReferenceModule(method.reference(settings), tuple(inputs))
+        else:
+            raise ValueError(f"unknown graph form {form!r}")
         spec.output_names = list(method.outputs())
         return spec
 
@@ -392,8 +470,10 @@ class ModelSpec:
             feeds["instruction_embeds"] = np.repeat(instruction_embeds, batch.rows_per_image, axis=0).astype(dtype)
         return feeds
 
-    def image_features(self, outputs: dict[str, np.ndarray], batch: VisionBatch) -> ImageFeatures:
-        """The vision graph's outputs -> each row's image embeddings (one image per row here)."""
+    def image_features(self, outputs: dict[str, np.ndarray], batch: VisionBatch,
+                       prune: HostPruning | None = None) -> ImageFeatures:
+        """The vision graph's outputs -> each row's image embeddings (one image per row here;
+        ``prune`` is for families with ``host_pruning``)."""
         tokens = outputs["image_tokens"]
         kept = outputs.get("kept_indices")
         return ImageFeatures([[tokens[b]] for b in range(tokens.shape[0])],

@@ -17,6 +17,7 @@ from fsr.pruning.methods import PruningMethod, register_method
 from fsr.settings import Settings, setting
 
 RELEVANCE_MODES = ("auto", "clip", "llm")
+SCOPES = ("crop", "image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,9 @@ class FsrSettings(Settings):
     relevance: str = setting("auto", help="Instruction relevance: auto (CLIP when the model has a CLIP text tower, "
                                           "else llm) | clip | llm (mean LLM input embedding of the instruction).",
                              choices=RELEVANCE_MODES)
+    fsr_scope: str = setting("crop", help="Multi-crop models (LLaVA-NeXT): crop (the budget is split over an "
+                                          "image's crops, one op row per crop) | image (one op row over all its "
+                                          "crops). One-crop models: the same.", choices=SCOPES)
 
 
 @register_method
@@ -51,6 +55,9 @@ class FocusScanRefine(PruningMethod):
 
     def relevance_mode(self, settings: FsrSettings) -> str:
         return settings.relevance
+
+    def scope(self, settings: FsrSettings) -> str:
+        return settings.fsr_scope
 
     def op_settings(self, settings: FsrSettings) -> dict:
         """The op's attributes (``fsr-op.md``)."""

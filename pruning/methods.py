@@ -118,6 +118,11 @@ class PruningMethod:
         """None when the method reads no instruction relevance, else ``auto``/``clip``/``llm``."""
         return None
 
+    def scope(self, settings: Settings) -> str:
+        """Where the budget applies in a multi-crop family: ``"crop"`` (split over an image's crops,
+        one op row each) or ``"image"`` (one row over all its crops). One-crop families: the same."""
+        return "crop"
+
     def describe(self, settings: Settings, num_tokens: int) -> str:
         """Human summary for CLI lines: ``fsr, budget 64``."""
         budget = self.budget(settings)

@@ -35,7 +35,9 @@ from transformers import AutoProcessor, AutoTokenizer
 from fsr.errors import InputError
 from fsr.manifest import Manifest, read_manifest
 from fsr.models import get_spec
-from fsr.models.spec import CLIP_RELEVANCE, NP_DTYPES, ImageFeatures, PrefillInputs, Request
+from fsr.models.spec import (
+    CLIP_RELEVANCE, NP_DTYPES, HostPruning, ImageFeatures, PrefillInputs, Request, prune_graph_name,
+)
 from fsr.pruning.methods import get_method
 from fsr.runtime.backend import Backend, get_backend
 from fsr.runtime.inputs import clip_chunks, eos_token_ids, load_image
@@ -138,6 +140,17 @@ class HostSteps:
                 rows.append(np.zeros(self.manifest.llm.hidden_size, np.float32))
         return np.stack(rows).astype(self.dtype)
 
+    def host_pruning(self) -> HostPruning | None:
+        """How the method's op runs on host-gathered rows (families with ``host_pruning``), or None."""
+        if not self.spec.host_pruning or not self.method.prunes:
+            return None
+        settings = self.method.settings_from_json(self.manifest.method.settings)
+        return HostPruning(self.prune_rows, self.method.inputs(settings, self.relevance is not None),
+                           self.method.budget(settings), self.method.scope(settings))
+
+    def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
     def assemble(self, rows: list[list[int]], features: ImageFeatures) -> PrefillInputs:
         """Embed the prompts (one left-padded call) and put each row's image embeddings in
         place of its image tokens."""
@@ -221,7 +234,17 @@ class Pipeline(HostSteps):
         return {k: self.backend.to_host(v) for k, v in out.items()}
 
     def vision(self, request: Request, instruction_embeds: np.ndarray | None) -> ImageFeatures:
-        return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision)
+        return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision,
+                                        self.host_pruning())
+
+    def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The ``prune_b<budget>`` graph on host-gathered rows -> (pruned, kept_indices) host arrays."""
+        graph = prune_graph_name(budget)
+        if graph not in self.runners:
+            raise InputError(f"this export has no {graph} graph (it has {', '.join(self.runners)}); export again")
+        out = self._run(graph, {k: v.astype(self.dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()})
+        names = self.runners[graph].output_names
+        return self.backend.to_host(out[names[0]]), self.backend.to_host(out[names[1]])
 
     # -- 4. prefill assembly: HostSteps.assemble ----------------------------------------------
 

@@ -15,7 +15,7 @@ import torch
 from fsr.manifest import Manifest, read_manifest
 from fsr.models import ModelError, get_spec
 from fsr.models.parts import ClipTextEncoder, VisionTower
-from fsr.models.spec import CLIP_RELEVANCE, REFERENCE, ImageFeatures, LoadedModel, Request
+from fsr.models.spec import CLIP_RELEVANCE, REFERENCE, ImageFeatures, LoadedModel, Request, prune_graph_name
 from fsr.runtime.pipeline import GenerationResult, HostSteps
 
 
@@ -36,7 +36,12 @@ class ReferencePipeline(HostSteps):
         self._init_host(manifest, loaded.processor, loaded.clip_tokenizer, eos)
         self.torch_dtype = next(self.model.parameters()).dtype
         self.dtype = torch.empty(0, dtype=self.torch_dtype).numpy().dtype  # the model's own, not the export's
-        self.vision_module = spec.vision_graph(loaded, manifest, REFERENCE).module.to(self.device).eval()
+        vision = spec.vision_graph(loaded, manifest, REFERENCE)
+        self.vision_module = vision.module.to(self.device).eval()
+        self.vision_output_names = vision.output_names
+        self.vision_input_names = vision.input_names
+        self.prune_graphs = {name: spec.prune_graph(loaded, manifest, name, REFERENCE)
+                             for name in spec.prune_graph_names(loaded.config, manifest)}
         self.embedding = spec.embedding(loaded).eval()
         clip = loaded.clip.to(self.device).eval() if loaded.clip is not None else None
         self.text_encoder = ClipTextEncoder(clip).eval() if clip is not None else None
@@ -78,13 +83,23 @@ class ReferencePipeline(HostSteps):
     def vision_outputs(self, request: Request, instruction_embeds: np.ndarray | None) -> dict[str, np.ndarray]:
         feeds = self.spec.vision_feeds(request.vision, instruction_embeds, self.dtype)
         args = [self._t(feeds[n]).to(self.torch_dtype) if feeds[n].dtype.kind == "f" else self._t(feeds[n])
-                for n in self.vision_module.tower.input_names]
+                for n in self.vision_input_names]
         out = self.vision_module(*args)
         out = out if isinstance(out, tuple) else (out,)
-        return {name: o.cpu().numpy() for name, o in zip(self.method.outputs(), out)}
+        return {name: o.cpu().numpy() for name, o in zip(self.vision_output_names, out)}
 
     def vision(self, request: Request, instruction_embeds: np.ndarray | None) -> ImageFeatures:
-        return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision)
+        return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision,
+                                        self.host_pruning())
+
+    @torch.no_grad()
+    def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The method's readable reference with this per-row budget on host-gathered rows."""
+        graph = self.prune_graphs[prune_graph_name(budget)]
+        args = [self._t(feeds[n]).to(self.torch_dtype) if feeds[n].dtype.kind == "f" else self._t(feeds[n])
+                for n in graph.input_names]
+        pruned, kept = graph.module(*args)
+        return pruned.cpu().numpy(), kept.cpu().numpy()
 
     # -- generation -------------------------------------------------------------------------
 

@@ -19,7 +19,11 @@ def test_family_is_detected_from_config_json(export_none, tmp_path):
     assert family_of(export_none / "source") == "llava"
     check_checkpoint(export_none / "source", "llava")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
-    with pytest.raises(ModelError, match="holds a 'llava_next' checkpoint"):
+    assert family_of(tmp_path) == "llava-next"
+    with pytest.raises(ModelError, match="export it with `fsr-export llava-next`"):
+        check_checkpoint(tmp_path, "llava")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with pytest.raises(ModelError, match="holds a 'qwen2_5_vl' checkpoint"):
         family_of(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="cannot be read as JSON"):
