@@ -10,7 +10,7 @@ dimension          prefill / any other graph   decode (graphs with a KV cache on
 ``sequence``       1, S, max_seq               1, 1, 1
 ``past_sequence``  0, 0, 0                     0, P, max_seq - 1
 ``total_sequence`` 1, S, max_seq               1, P + 1, max_seq
-``num_tokens``     1, crop tokens, image tokens  (prune graphs of multi-crop families: tokens per row)
+``num_tokens``     32, crop tokens, image tokens (prune graphs of multi-crop families: tokens per row)
 static ``n``       n, n, n                     n, n, n
 =================  ==========================  =====================================
 
@@ -35,6 +35,7 @@ from fsr.manifest import Manifest, TensorInfo
 
 KNOWN_DIMS = ("batch", "sequence", "past_sequence", "total_sequence", "num_tokens")
 TYPICAL_TEXT_TOKENS = 64
+MIN_ROW_TOKENS = 32  # the least tokens per row a prune graph's engine takes
 
 
 class ProfileError(FsrError, ValueError):
@@ -97,7 +98,8 @@ def graph_profiles(manifest: Manifest, graph: str, max_batch: int, max_seq: int)
               "past_sequence": (0, p, max_seq - 1), "total_sequence": (1, p + 1, max_seq)}
     # a multi-crop family's vision graph runs one row per crop; its prune graphs any token count per row
     rows = max(1, -(-manifest.image.num_image_tokens // manifest.vision.tokens_per_crop)) if graph == "vision" else 1
-    tokens = (1, manifest.vision.tokens_per_crop, max(manifest.vision.tokens_per_crop, manifest.image.num_image_tokens))
+    # (from 32: TensorRT-RTX 1.7 fails to build the FocusScanRefine body for a range starting lower)
+    tokens = (MIN_ROW_TOKENS, manifest.vision.tokens_per_crop, max(manifest.vision.tokens_per_crop, manifest.image.num_image_tokens))
     prefill["batch"] = (1, 1, max_batch * rows)
     prefill["num_tokens"] = decode["num_tokens"] = tokens
     has_cache = any(d == "past_sequence" for i in entry.inputs for d in i.shape)
