@@ -164,6 +164,9 @@ def open_export(export_dir: Path, backend: str, workdir: Path, *, device: str | 
         pass
     elif is_unpruned(manifest):
         tower = pipe.runners["vision"]
+    elif pipe.spec.host_pruning:  # the vision graph is the tower; the op runs in prune graphs, inside "vision"
+        tower = pipe.runners["vision"]
+        notes.append("pruning op: its prune graphs run per crop inside the vision step (not timed apart)")
     elif backend == "torch":
         tower = pipe.backend.runner("vision_tower").activate()
         op = pipe.backend.runner("pruning_op").activate()

@@ -9,6 +9,7 @@ iteration, a valid Polygraphy data loader) built from real data where it matters
   embedding of the prompt (CLIP text tower, or the LLM-embedding mean), batch 1 and 2;
 - ``text_encoder``: the prompts in CLIP-context chunks, batch = number of prompts;
 - ``embed``: the chat-formatted prompts, left padded to one batch;
+- ``prune_b<K>`` (multi-crop families): the vision outputs of a sample's crops as rows;
 - decoder segments: random embeddings and KV caches with past length > 0, a prefill
   chunk with left padding (batch 2) and a one-token decode step (batch 1).
 
@@ -95,6 +96,18 @@ def decoder_feeds(pipe, manifest: Manifest, graph: str, seed: int = 0) -> list[O
     return feeds
 
 
+def prune_feeds(pipe, manifest: Manifest, graph: str, samples) -> list[OrderedDict]:
+    """A prune graph (the method's op on host-gathered rows, multi-crop families): the vision
+    outputs of the first sample's crops as rows (every token), then one row of half a crop's
+    tokens (another token count)."""
+    request = pipe.prepare([samples[0].image], [samples[0].prompt])
+    outputs = pipe.vision_outputs(request, pipe.instruction_embeds(request.instructions))
+    specs = _inputs(manifest, graph)
+    half = max(32, next(iter(outputs.values())).shape[1] // 2)
+    return [OrderedDict((name, _cast(outputs[name], spec)) for name, spec in specs.items()),
+            OrderedDict((name, _cast(outputs[name][-1:, :half], spec)) for name, spec in specs.items())]
+
+
 def graph_feeds(pipe, manifest: Manifest, graph: str, samples, seed: int = 0) -> list[OrderedDict]:
     """The feed dicts for one graph of the export."""
     if graph == "vision":
@@ -105,4 +118,6 @@ def graph_feeds(pipe, manifest: Manifest, graph: str, samples, seed: int = 0) ->
         return embed_feeds(pipe, manifest, samples)
     if graph in manifest.segment_graphs:
         return decoder_feeds(pipe, manifest, graph, seed)
+    if manifest.graph(graph).inputs and manifest.graph(graph).inputs[0].name == "tokens":
+        return prune_feeds(pipe, manifest, graph, samples)
     raise ValueError(f"no inputs known for graph {graph!r}")

@@ -93,6 +93,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
         console.print(e2e_table(report))
     if report["fidelity"]:
         console.print(fidelity_table(report))
+    if report.get("fidelity_skipped_reason"):
+        console.print(f"[yellow]Pruning fidelity skipped:[/] {report['fidelity_skipped_reason']}")
     if report["passed"]:
         console.print(f"[bold green]PASSED[/] in {report['seconds']:.1f} s")
     else:

@@ -178,8 +178,11 @@ def compare_export(export_dir, options: CompareOptions | None = None,
             except Exception as exc:
                 e2e.append(end_to_end.errored(backend, exc))
 
-    fidelity = None
-    if options.fidelity:
+    fidelity = fidelity_skipped = None
+    if options.fidelity and pipe.spec.host_pruning:
+        fidelity_skipped = (f"the {manifest.family} family prunes crops on the host (prune graphs); the fidelity "
+                            "sweep runs one vision row per image and does not cover it yet")
+    elif options.fidelity:
         progress("pruning fidelity (PyTorch)")
         fidelity = pruning_fidelity(pipe, manifest, samples, options.budgets,
                                     methods=list(options.methods) if options.methods else None,
@@ -209,6 +212,7 @@ def compare_export(export_dir, options: CompareOptions | None = None,
         "trt_skipped_reason": trt_reason,
         "end_to_end": [e.to_json() for e in e2e],
         "fidelity": fidelity,
+        "fidelity_skipped_reason": fidelity_skipped,
         "failures": failures,
         "passed": not failures,
         "seconds": time.perf_counter() - start,

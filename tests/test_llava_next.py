@@ -294,3 +294,35 @@ def test_every_graph_builds_with_tensorrt(next_none, next_crop, next_image, tmp_
         manifest = read_manifest(copy)
         for graph in graphs or manifest.graphs:
             assert (copy / manifest.engines[f"{graph}.fp32"].file).stat().st_size > 10_000
+
+
+# -- fsr-compare and fsr-bench on NeXT exports -------------------------------------------------
+
+
+def test_compare_runs_on_a_next_export(next_crop, tmp_path):
+    """Every graph (the prune graphs on real crop rows, two token counts) and end to end, torch vs ort."""
+    from fsr.compare.run import CompareOptions, compare_export
+
+    report = compare_export(next_crop, CompareOptions(backends=("torch", "ort"), out_dir=tmp_path, builtin_samples=2,
+                                                      max_new_tokens=3))
+    assert report["passed"], report["failures"]
+    graphs = {g["graph"]: g for g in report["graphs"] if g["backend"] == "ort"}
+    assert set(graphs) == set(read_manifest(next_crop).graphs)
+    assert all(g["status"] == "pass" for g in graphs.values())
+    assert report["end_to_end"][0]["status"] == "pass"
+    assert "prunes crops on the host" in report["fidelity_skipped_reason"]
+
+
+def test_bench_runs_on_next_exports(next_crop, next_none, tmp_path):
+    import json
+
+    from fsr.bench.cli import main
+
+    args = [str(next_crop), str(next_none), "--batch", "1", "--warmup", "0", "--repeat", "1", "--new-tokens", "2",
+            "--peak-matmul", "128", "--peak-copy-mib", "4", "--json", str(tmp_path / "bench.json"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = {row["budget"]: row for row in doc["results"]}
+    assert set(rows) == {320, None}  # None: the unpruned export
+    assert rows[320]["seq_len"] < rows[None]["seq_len"]
