@@ -129,7 +129,8 @@ def run_once(target: Target, request: Request, new_tokens: int, parts: bool = Tr
 
 
 def prepare_inputs(target: Target, batch: int, settings: BenchSettings) -> Request:
-    size = target.pipeline.manifest.vision.image_size
+    pipe = target.pipeline
+    size = pipe.spec.benchmark_image_size(pipe.processor) or pipe.manifest.vision.image_size
     return target.pipeline.prepare(synthetic_images(batch, size), [settings.prompt] * batch)
 
 

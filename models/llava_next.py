@@ -205,6 +205,12 @@ class LlavaNextSpec(LlavaSpec):
 
     # -- host side --------------------------------------------------------------------------
 
+    def benchmark_image_size(self, processor) -> int | None:
+        """The largest square resolution of the grid (672: base + 2x2 tiles, 2,880 tokens before
+        unpadding and newlines, the paper's LLaVA-NeXT setting)."""
+        squares = [h for h, w in processor.image_processor.image_grid_pinpoints if h == w]
+        return max(squares) if squares else None
+
     def preprocess_images(self, processor, images: list) -> VisionBatch:
         """Every image's crops as rows (base crop first), ``meta`` = its size and tile grid."""
         out = processor.image_processor(images=images, return_tensors="np")

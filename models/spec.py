@@ -458,6 +458,10 @@ class ModelSpec:
                 raise InputError(f"prompt {t!r} must tokenize to exactly one image token")
         return rows
 
+    def benchmark_image_size(self, processor) -> int | None:
+        """The side of the square images ``fsr-bench`` feeds (None: the vision tower's input size)."""
+        return None
+
     def preprocess_images(self, processor, images: list) -> VisionBatch:
         """PIL images -> the vision graph's pixels (one row per image here)."""
         pixels = processor.image_processor(images=images, return_tensors="np")["pixel_values"]
