@@ -326,3 +326,17 @@ def test_bench_runs_on_next_exports(next_crop, next_none, tmp_path):
     rows = {row["budget"]: row for row in doc["results"]}
     assert set(rows) == {320, None}  # None: the unpruned export
     assert rows[320]["seq_len"] < rows[None]["seq_len"]
+
+
+def test_7b_preset_plans_its_graphs_on_the_meta_device():
+    """The real LLaVA-v1.6-7B dimensions (no weights): the graphs an export at 640 per crop / 960 per image plans."""
+    from fsr.export import ExportSettings, describe
+
+    loaded = get_spec("llava-next").build_preset("llava-v1.6-7b", dtype=torch.float16, device="meta")
+    crop = describe(loaded, ExportSettings("fsr", budget=640))
+    assert (crop.llm.hidden_size, crop.llm.num_layers, crop.vision.tokens_per_crop) == (4096, 32, 576)
+    assert crop.image.num_image_tokens == 576 + 48 * 49  # 672x672: base + 2x2 tiles + a newline per grid row
+    assert [g for g in crop.graphs if g.startswith("prune_")] == ["prune_b128", "prune_b160", "prune_b213",
+                                                                  "prune_b214"]
+    image = describe(loaded, ExportSettings("fsr", budget=960, fsr_scope="image"))
+    assert [g for g in image.graphs if g.startswith("prune_")] == ["prune_b960"]
