@@ -98,6 +98,12 @@ def _make_family_command(entry: FamilyEntry):
     return command(export)
 
 
+def default_output(entry: FamilyEntry, model: str | None, method: str, budget: int | None) -> Path:
+    """``exports/<family>-<model>-<method>[-b<budget>]``, where fsr-export writes without ``-o``."""
+    tag = method if budget is None else f"{method}-b{budget}"
+    return Path("exports") / f"{entry.name}-{Path(model or entry.default_preset).name}-{tag}"
+
+
 def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list[str]) -> None:
     """The body of ``fsr-export <family>``: check everything light, then load, then export."""
     method = get_method(values["method"])
@@ -127,9 +133,7 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
         resolve_clip_path(values["clip"])  # a missing folder or another kind of model: refused now
     output = values["output"]
     if output is None:
-        budget = method.budget(settings)
-        tag = method.name if budget is None or not method.prunes else f"{method.name}-b{budget}"
-        output = Path("exports") / f"{entry.name}-{Path(name).name}-{tag}"
+        output = default_output(entry, model, method.name, method.budget(settings) if method.prunes else None)
     force = values["force"]
     check_output_folder(output, force=force)  # before loading anything; checked again when writing
     if model is None:
