@@ -222,7 +222,7 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog_name: str | No
         exc.show()
         hint = _flag_value_hint(exc, argv)
         if hint:
-            err.print(hint, highlight=False, markup=False)
+            err.print(Text("hint: ", style="bold") + Text(hint), highlight=False)
         return getattr(exc, "exit_code", 2)
     finally:
         _ARGV.reset(token)
