@@ -63,7 +63,7 @@ INTERNAL_ERROR = 3
 INTERRUPTED = 130
 BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
 
-err = Console(stderr=True, log_path=False)  # progress lines without "cli.py:123" at their end
+err = Console(stderr=True)
 _ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("fsr_cli_argv", default=None)
 
 
