@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from fsr.cli import check_output_file, command, err, make_app, run_app, split_list
+from fsr.cli import check_output_file, command, err, exit_program, make_app, run_app, split_list
 from fsr.compare.errors import CompareError
 from fsr.compare.tolerances import parse_overrides
 from fsr.files import atomic_write, check_output_place
@@ -89,7 +89,7 @@ def compare(
 
 
 def main() -> None:
-    sys.exit(run_app(app, prog_name="fsr-compare"))
+    exit_program(run_app(app, prog_name="fsr-compare"))
 
 
 if __name__ == "__main__":

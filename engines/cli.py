@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from fsr.cli import command, make_app, run_app
+from fsr.cli import command, exit_program, make_app, run_app
 from fsr.cli import err as console
 from fsr.engines.profiles import Profile, check_limits
 from fsr.engines.records import PRECISIONS
@@ -133,7 +133,7 @@ def build(
 
 
 def main() -> None:
-    sys.exit(run_app(app, prog_name="fsr-build"))
+    exit_program(run_app(app, prog_name="fsr-build"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import typer
 
 import fsr.export
-from fsr.cli import command, err, make_app, print_note, run_app
+from fsr.cli import command, err, exit_program, make_app, print_note, run_app
 from fsr.files import check_output_folder
 from fsr.models import FAMILIES, check_checkpoint, get_spec, load_model, resolve_model_path
 from fsr.models.registry import FamilyEntry, ModelError, resolve_clip_path
@@ -166,7 +166,7 @@ for _entry in FAMILIES.values():
 
 
 def main() -> None:
-    sys.exit(run_app(app, prog_name="fsr-export"))
+    exit_program(run_app(app, prog_name="fsr-export"))
 
 
 if __name__ == "__main__":

@@ -260,10 +260,23 @@ def split_list(value: str | None, option: str, kind: type = str) -> list:
         raise OptionError(f"{option} {value!r}: expected {name} separated by commas") from None
 
 
+def exit_program(status: int) -> typing.NoReturn:
+    """End the process with ``status`` (a command's ``main()``, never a library call).
+
+    Before the interpreter shuts down, every object alive is moved out of the garbage
+    collector's reach (`gc.freeze`): the final collection over everything torch and
+    transformers created took 1.5 to 3.5 s of every run; finalisers and ``atexit``
+    handlers still run."""
+    import gc  # noqa: PLC0415
+
+    gc.freeze()
+    sys.exit(status)
+
+
 def main_for(app: typer.Typer, prog_name: str) -> Callable[[], None]:
     """The ``main()`` a ``pyproject.toml`` script entry point calls."""
 
     def main() -> None:
-        sys.exit(run_app(app, prog_name=prog_name))
+        exit_program(run_app(app, prog_name=prog_name))
 
     return main

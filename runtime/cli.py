@@ -27,7 +27,7 @@ from typing import List, Optional
 
 import typer
 
-from fsr.cli import command, err, make_app, print_note, printable, random_weights_note, run_app
+from fsr.cli import command, err, exit_program, make_app, print_note, printable, random_weights_note, run_app
 from fsr.engines.records import PRECISIONS
 from fsr.errors import InputError
 from fsr.manifest import read_manifest
@@ -142,7 +142,7 @@ def run(
 
 
 def main() -> None:
-    sys.exit(run_app(app, prog_name="fsr-run"))
+    exit_program(run_app(app, prog_name="fsr-run"))
 
 
 if __name__ == "__main__":
