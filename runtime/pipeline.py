@@ -144,14 +144,15 @@ class HostSteps:
         context = self.manifest.llm.max_positions
         if not context:
             return max_new_tokens
-        longest = max(self.prompt_positions(r) for r in rows)
+        row = max(rows, key=self.prompt_positions)
+        longest = self.prompt_positions(row)
         if longest > context:
-            image = self.manifest.image
-            text = longest - image.kept_image_tokens
+            n_images = row.count(self.manifest.image.image_token_id)
+            image = longest - (len(row) - n_images)
             raise InputError(
-                f"the prompt takes {longest} positions ({text} text tokens + {image.kept_image_tokens} image tokens), "
+                f"the prompt takes {longest} positions ({len(row) - n_images} text tokens + {image} image tokens), "
                 f"more than the model's context of {context}: shorten the prompt to at most "
-                f"{max(context - image.kept_image_tokens, 0)} text tokens")
+                f"{max(context - image, 0)} text tokens")
         # the prefill gives the first new token; each further one is fed back at the next position
         room = context - longest + 1
         if max_new_tokens > room:

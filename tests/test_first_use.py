@@ -133,8 +133,13 @@ def test_prompt_longer_than_the_context_is_refused_before_anything_runs(pipe, im
     monkeypatch.setattr(pipe, "instruction_embeds", never)
     monkeypatch.setattr(pipe, "vision", never)
     prompt = "word " * 20000
-    with pytest.raises(InputError, match=r"more than the model's context of 4096: shorten the prompt"):
-        pipe.generate([images[0]], [prompt], max_new_tokens=2)
+    with pytest.raises(InputError, match=r"more than the model's context of 4096: shorten the prompt") as err:
+        pipe.generate([images[0], images[1]], ["Hi", prompt], max_new_tokens=2)
+    # the message counts the longest row (the second), one image's tokens, and the room left for text
+    image = pipe.manifest.image.kept_image_tokens
+    text = int(re.search(r"\((\d+) text tokens \+ (\d+) image tokens\)", str(err.value)).group(1))
+    assert f"({text} text tokens + {image} image tokens)" in str(err.value) and text > 20000
+    assert f"shorten the prompt to at most {4096 - image} text tokens" in str(err.value)
 
 
 def test_max_new_tokens_beyond_the_context_is_shortened_with_a_note(pipe, images, monkeypatch):
