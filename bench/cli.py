@@ -7,7 +7,11 @@
 Two typer apps built like every fsr command (`fsr.cli`); ``main`` sends ``op`` to the second.
 The work lives in importable modules (`targets`, `harness`, `report`, `op`), imported once
 the arguments are checked; this file only parses arguments, shows progress and writes the
-outputs.
+outputs. Files are written only where ``--json``, ``--plot`` and ``--markdown`` say; those
+places are checked before the run (a bad path does not lose minutes of measurements) and
+written atomically. Preset exports are cached under ``--cache-dir`` in a folder keyed by
+the tool's version and code (`fsr.bench.targets.export_cache_key`); folders of other
+versions are never reused (the run says so, and where they are).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import List, Optional
 
 import typer
 
-from fsr.cli import OptionError, command, current_argv, err, make_app, run_app, split_list
+from fsr.cli import OptionError, check_output_file, command, current_argv, err, make_app, print_note, run_app, \
+    split_list
+from fsr.files import atomic_write, check_output_place
 from fsr.models import FAMILIES, get_family
 from fsr.runtime.backend import BackendError
 from fsr.settings import DTYPES
@@ -93,11 +99,13 @@ def bench(
     repeat: int = typer.Option(5, min=1, help="Measured runs per budget and batch."),
     new_tokens: int = typer.Option(16, "--new-tokens", min=1, help="Tokens generated per run."),
     prompt: Optional[str] = typer.Option(None, help="Prompt of every row."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full results here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full results here (nothing is written "
+                                                                  "without it)."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG plot here."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the tables here."),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="Where --preset exports (and cut vision "
-                                                                      "graphs) are kept."),
+                                                                      "graphs) are kept, in a folder per version "
+                                                                      "of this tool."),
     force_export: bool = typer.Option(False, "--force-export", help="Re-export presets even when cached."),
     dtype: Optional[str] = typer.Option(None, help="Preset dtype: fp32 | fp16 (default fp32; fp16 for the torch "
                                                    "backend on CUDA)."),
@@ -136,9 +144,10 @@ def bench(
     budget_list = _positive(split_list(budgets, "--budgets", int), "--budgets") if budgets else None
     batches = _positive(split_list(batch, "--batch", int), "--batch")
     backend_options = _options(backend_option or [])
-    for path in (json_path, plot, markdown):
-        if path is not None and path.exists() and path.is_dir():
-            raise OptionError(f"{path} is a folder; --json/--plot/--markdown take a file path")
+    for path, option in ((json_path, "--json"), (plot, "--plot"), (markdown, "--markdown")):
+        if path is not None:
+            check_output_file(path, option)  # before the run: a bad path must not lose minutes of measurements
+    check_output_place(cache_dir.expanduser(), option="--cache-dir")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
 
     from fsr.bench import harness, report, targets  # noqa: PLC0415 (heavy: after the arguments are checked)
@@ -148,7 +157,13 @@ def bench(
                                      prompt=prompt or harness.DEFAULT_PROMPT)
     settings.validate()
     cache = cache_dir.expanduser()
-    workdir = cache / "split"
+    key = targets.export_cache_key()
+    workdir = targets.cache_root(cache, key) / "split"
+    others = targets.other_cache_keys(cache, key)
+    if others:
+        print_note(f"{cache} holds {len(others)} folder(s) from other versions of fsr-export "
+                   f"({', '.join(p.name for p in others)}); they are not used (this version's is {key}): "
+                   "delete them to free the space")
     peak_device, memory_device = _devices(backend, device)
     if backend == "torch" and device is None:
         device = peak_device
@@ -204,10 +219,10 @@ def bench(
     text = report.markdown(doc)
     print(text)
     if markdown:
-        markdown.write_text(text)
+        atomic_write(markdown, text)
+        err.log(f"wrote {markdown}")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        atomic_write(json_path, json.dumps(doc, indent=2) + "\n")
         err.log(f"wrote {json_path}")
     if plot:
         report.plot(doc, plot)
@@ -239,6 +254,8 @@ def op(
     """Time the FocusScanRefine op alone."""
     if bench_json is not None and not bench_json.is_file():
         raise OptionError(f"--bench-json {bench_json} is not a file")
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     try:
         bench_doc = json.loads(bench_json.read_text()) if bench_json else None
     except json.JSONDecodeError as exc:
@@ -259,8 +276,7 @@ def op(
                        bench_json=bench_doc, kernel_lib=kernel_lib, reference=not no_reference, **sizes)
     print(markdown(doc))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        atomic_write(json_path, json.dumps(doc, indent=2) + "\n")
         err.log(f"wrote {json_path}")
     return 0
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
+
+from fsr.files import atomic_write
 
 MIB = 1 << 20
 
@@ -133,8 +136,7 @@ def plot(doc: dict, path: Path) -> Path:
     right.legend(fontsize=7)
     fig.suptitle(textwrap.fill(device_line(doc), 160), fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    return path
+    return atomic_write(Path(path), buffer.getvalue())  # all of the picture or none of it

@@ -11,13 +11,18 @@ Targets come from
   baseline is the unpruned export of the same model; each export is verified as ``fsr-run``
   verifies it;
 - a preset (`targets_from_preset`): the needed exports are made once into a cache folder
-  (``ort`` / ``trt``), or, on the ``torch`` backend, the model is built in memory on the
-  device and each budget only swaps the method's settings (no export at all).
+  (``ort`` / ``trt``) under a key of everything that decides an export's content
+  (`export_cache_key`: the tool's version and code, the exporting packages' versions, the
+  manifest format; then family, preset, dtype, seed, method and budget), or, on the
+  ``torch`` backend, the model is built in memory on the device and each budget only
+  swaps the method's settings (no export at all).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import os
 import time
@@ -31,7 +36,7 @@ from fsr.bench.analytic import DTYPE_BYTES
 from fsr.bench.split import op_model, vision_prefix_model
 from fsr.errors import FsrError
 from fsr.export import ExportSettings, describe, export_model
-from fsr.manifest import LLMDims, Manifest, ManifestError, VisionDims, read_manifest
+from fsr.manifest import FORMAT_VERSION, LLMDims, Manifest, ManifestError, VisionDims, package_versions, read_manifest
 from fsr.models import ModelError, get_family, get_spec, load_model
 from fsr.models.spec import TORCH_DTYPES
 from fsr.onnx_io import save_onnx
@@ -273,9 +278,46 @@ def preset_image_tokens(family: str, preset: str, seed: int = 0) -> int:
     return spec.num_image_tokens(loaded.config)
 
 
-def export_folder(cache_dir: Path, family: str, preset: str, dtype: str, seed: int, budget: int | None) -> Path:
+#: the packages of this tool whose code decides what an export holds
+EXPORTING_CODE = ("fsr", "fsr.export", "fsr.graph_passes", "fsr.models", "fsr.pruning")
+
+
+def export_cache_key() -> str:
+    """``v<version>-<hash>``: the hash covers this tool's version and the source of its exporting
+    packages (`EXPORTING_CODE`), the versions of the packages the manifest records (torch,
+    transformers, onnx, ...) and the manifest format, so a cached export is reused only by
+    the code that would write the same one."""
+    versions = package_versions()
+    h = hashlib.sha256(f"format {FORMAT_VERSION}\n".encode())
+    for name, version in sorted(versions.items()):
+        h.update(f"{name}=={version}\n".encode())
+    for package in EXPORTING_CODE:
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for file in sorted(Path(folder).glob("*.py")):
+                h.update(f"{package}/{file.name}\n".encode())
+                h.update(file.read_bytes())
+    return f"v{versions.get('fsr-export', 'unknown')}-{h.hexdigest()[:12]}"
+
+
+def cache_root(cache_dir: Path, key: str | None = None) -> Path:
+    """The part of the cache this code uses (`export_cache_key`)."""
+    return Path(cache_dir) / (key or export_cache_key())
+
+
+def other_cache_keys(cache_dir: Path, key: str | None = None) -> list[Path]:
+    """Cache folders written by other versions of the tool (never used by this one)."""
+    key = key or export_cache_key()
+    try:
+        return sorted(p for p in Path(cache_dir).iterdir() if p.is_dir() and p.name.startswith("v") and p.name != key)
+    except OSError:
+        return []
+
+
+def export_folder(cache_dir: Path, family: str, preset: str, dtype: str, seed: int, budget: int | None,
+                  key: str | None = None) -> Path:
     tag = "none" if budget is None else f"{PRESET_METHOD}-b{budget}"
-    return Path(cache_dir) / f"{family}-{preset}-{dtype}-seed{seed}" / tag
+    return cache_root(cache_dir, key) / f"{family}-{preset}-{dtype}-seed{seed}" / tag
 
 
 def _cached(folder: Path, preset: str, dtype: str, budget: int | None) -> bool:
@@ -330,9 +372,10 @@ def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, f
     n_image = preset_image_tokens(family, preset, seed)
     loaded = None
     records = []
+    key = export_cache_key()
     for b in _normalise_budgets(budgets, n_image):
         budget = None if b == n_image else b
-        folder = export_folder(cache_dir, family, preset, dtype, seed, budget)
+        folder = export_folder(cache_dir, family, preset, dtype, seed, budget, key)
         settings = (ExportSettings("none", dtype=dtype) if budget is None
                     else ExportSettings(PRESET_METHOD, dtype=dtype, budget=budget))
         record = {"budget": b, "method": settings.method, "path": str(folder)}

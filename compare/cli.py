@@ -1,7 +1,8 @@
 """``fsr-compare``: does an export compute what the source model computes, and what does pruning cost?
 
-The arguments are checked first (lists, tolerances, samples, the export's manifest), then
-the comparisons are imported (torch, polygraphy, onnxruntime).
+The arguments are checked first (lists, tolerances, samples, the export's manifest, the
+places ``--json`` and ``--out`` will be written), then the comparisons are imported (torch,
+polygraphy, onnxruntime). Polygraphy's files go to ``--out``, by default ``EXPORT/compare/``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from fsr.cli import command, err, make_app, run_app, split_list
+from fsr.cli import check_output_file, command, err, exit_program, make_app, run_app, split_list
 from fsr.compare.errors import CompareError
 from fsr.compare.tolerances import parse_overrides
+from fsr.files import atomic_write, check_output_place
 from fsr.manifest import read_manifest
 
 app = make_app("Compare an export with its PyTorch source: graph by graph, end to end, pruning fidelity.")
@@ -37,7 +39,7 @@ def compare(
         None, "--tol", help="Per-output tolerance OUTPUT=ATOL,RTOL (glob patterns allowed, e.g. "
                             "'present.*=1e-3,1e-2'); repeatable. Defaults depend on the export's precision."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for Polygraphy JSON inputs/outputs "
-                                                          "(default ./fsr-compare/<export name>)."),
+                                                          "(default EXPORT_DIR/compare)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Run the pruning-fidelity report."),
     end_to_end: bool = typer.Option(True, "--end-to-end/--no-end-to-end", help="Compare greedy generation."),
@@ -61,6 +63,12 @@ def compare(
         raise CompareError("no samples: pass --image/--prompt or keep --builtin-samples above 0")
     tolerances = parse_overrides(tol)
     read_manifest(export_dir)  # not an export, or a damaged manifest: say so before any heavy import
+    if json_path is not None:
+        check_output_file(json_path, "--json")  # before minutes of comparisons, not after
+    if graph_checks:
+        place = out if out is not None else export_dir / "compare"
+        check_output_place(place, option="--out", label=f"--out {place}" if out is not None else
+                           f"{place} (the default --out)")
     from fsr.compare.report import print_report  # noqa: PLC0415 (heavy: after the arguments are checked)
     from fsr.compare.run import CompareOptions, compare_export  # noqa: PLC0415
 
@@ -74,14 +82,14 @@ def compare(
         report = compare_export(export_dir, options, progress=lambda step: status.update(step))
     print_report(report, Console())
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write(json_path, json.dumps(report, indent=2) + "\n")
+        err.print(f"wrote {json_path}", highlight=False)
     if not report["passed"]:
         raise typer.Exit(1)
 
 
 def main() -> None:
-    sys.exit(run_app(app, prog_name="fsr-compare"))
+    exit_program(run_app(app, prog_name="fsr-compare"))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ Figures per method and budget (pooled over samples):
 - ``top1_agreement``: share of steps where the pruned argmax equals the unpruned argmax;
 - ``kl_mean``: mean over steps of KL(unpruned || pruned) in nats (and ``kl_max``).
 
+``unpruned_margin`` describes the unpruned model's own decisions: the gap between its top
+two next-token probabilities per step (median, smallest, largest). A near-flat distribution
+(gaps of a few hundredths, as with random weights) makes any change of the input flip the
+top-1 token, so agreement figures then say little about a method.
+
 Methods are the registry's pruning methods with a readable reference
 (`fsr.pruning.methods`: FSR and the training-free baselines ``saliency-topk``,
 ``uniform``, ``random``): the export's own method runs with the manifest's settings, the
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 
 from fsr.compare.errors import CompareError
-from fsr.compare.teacher import greedy, kl_divergence, prefix_embeds, prompt_rows, step_logits
+from fsr.compare.teacher import greedy, kl_divergence, log_softmax, prefix_embeds, prompt_rows, step_logits
 from fsr.manifest import Manifest
 from fsr.pruning.methods import BEFORE_PROJECTOR, PruningMethod, methods as all_methods
 
@@ -95,6 +100,7 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
     rows = prompt_rows(pipe, [s.prompt for s in samples])
     per = {(m, b): [] for m in methods for b in budgets}
     sequences = []
+    margins: list[np.ndarray] = []
     num_tokens = None
     for sample, row in zip(samples, rows):
         request = pipe.prepare([sample.image], [sample.prompt])
@@ -109,6 +115,9 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
         sequences.append({**sample.to_json(), "token_ids": sequence})
         reference = step_logits(pipe, unpruned_prefix, sequence)
         ref_top1 = reference.argmax(-1)
+        if len(reference):
+            top2 = np.sort(np.exp(log_softmax(reference)), axis=-1)[:, -2:]
+            margins.append(top2[:, 1] - top2[:, 0])
         for name, method in chosen.items():
             for budget in budgets:
                 pruned, _ = method.reference(method.with_budget(settings[name], budget))(outs)
@@ -143,6 +152,15 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
         "budgets": list(budgets),
         "methods": methods,
         "unpruned_sequences": sequences,
+        "unpruned_margin": _margin_summary(margins),
         "rows": out_rows,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _margin_summary(margins: list[np.ndarray]) -> dict | None:
+    """Median, smallest and largest top-1 minus top-2 probability of the unpruned model's steps."""
+    if not margins:
+        return None
+    m = np.concatenate(margins)
+    return {"median": float(np.median(m)), "min": float(m.min()), "max": float(m.max()), "steps": int(m.size)}

@@ -73,6 +73,27 @@ def fidelity_table(report: dict) -> Table:
     return table
 
 
+def random_weights_text(report: dict) -> str | None:
+    """What a report on a random-weight export must say about its figures."""
+    if not report.get("random_weights"):
+        return None
+    preset = f" (the built-in '{report['preset']}' preset)" if report.get("preset") else ""
+    return (f"this export has random weights{preset}: its generated text is meaningless. The graph and end-to-end "
+            "comparisons still check the export exactly (the same random model on both sides); the pruning-fidelity "
+            "figures do not rank methods: a random model's next-token distribution is nearly flat, so removing any "
+            "image tokens flips its top-1 token by chance (a method at 0 % next to another at 100 % is noise). "
+            "Compare a trained checkpoint (fsr-export --model PATH) for fidelity figures that mean something.")
+
+
+def margin_text(fidelity: dict) -> str | None:
+    m = fidelity.get("unpruned_margin")
+    if not m:
+        return None
+    return (f"Unpruned model's confidence: top-1 minus top-2 next-token probability, median {m['median']:.3f} "
+            f"(from {m['min']:.3f} to {m['max']:.3f}, {m['steps']} steps); the smaller it is, the more easily any "
+            "pruning flips the top-1 token.")
+
+
 def print_report(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     if not console.is_terminal:
@@ -81,22 +102,29 @@ def print_report(report: dict, console: Console | None = None) -> None:
                   f"dtype={report['dtype']} relevance={report['relevance']}")
     for warning in report["integrity_warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
-    if report["graphs"]:
+    random_weights = random_weights_text(report)
+    if random_weights:
+        console.print(Text("note: ", style="bold yellow") + Text(random_weights), highlight=False)
+    if any(g["status"] != "skipped" for g in report["graphs"]):
         console.print(graph_table(report))
         if report["commands"]:
             console.print(f"[bold]Reproduce by hand[/] (Polygraphy JSON in {report['output_dir']}):")
             for command in report["commands"]:
                 console.print(command, markup=False, highlight=False, soft_wrap=True)
-    if report["trt_skipped_reason"]:
-        console.print(f"[yellow]TensorRT comparisons skipped:[/] {report['trt_skipped_reason']}")
     if report["end_to_end"]:
         console.print(e2e_table(report))
     if report["fidelity"]:
         console.print(fidelity_table(report))
+        margin = margin_text(report["fidelity"])
+        if margin:
+            console.print(margin, highlight=False, markup=False)
     if report.get("fidelity_skipped_reason"):
         console.print(f"[yellow]Pruning fidelity skipped:[/] {report['fidelity_skipped_reason']}")
+    for skipped in report.get("skipped", []):
+        console.print(Text("skipped: ", style="yellow") + Text(skipped), highlight=False)
     if report["passed"]:
-        console.print(f"[bold green]PASSED[/] in {report['seconds']:.1f} s")
+        console.print(f"[bold green]PASSED[/] in {report['seconds']:.1f} s" +
+                      (f" ({len(report['skipped'])} back end(s) skipped, above)" if report.get("skipped") else ""))
     else:
         console.print(f"[bold red]FAILED[/] ({len(report['failures'])}):")
         for failure in report["failures"]:

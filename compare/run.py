@@ -14,7 +14,13 @@ Three parts, each optional:
 method's ``kept_indices`` excepted), when a comparison could not run on a back end that is
 available, when a generated sequence differs from the reference other than at a
 near-tie, or when the identity budget (>= N image tokens) does not reproduce the
-unpruned model exactly. Skipped comparisons (TensorRT without a GPU) do not fail.
+unpruned model exactly. Skipped comparisons (TensorRT without a GPU) do not fail, and
+the report lists them (``skipped``); when every back end asked for is skipped, nothing
+would be compared and `compare_export` refuses before running (`CompareError`), as it
+does when every part is switched off.
+
+Polygraphy's input/output files go to ``out_dir``, by default ``EXPORT/compare/`` (beside
+``EXPORT/engines/``), never into the working folder.
 
 The export is verified first, as ``fsr-run`` does (every hash in the manifest): an altered
 file stops the comparison with the integrity message. ``verify=False`` compares an export
@@ -35,7 +41,7 @@ from fsr.compare import end_to_end, graphs
 from fsr.compare.errors import CompareError
 from fsr.compare.feeds import graph_feeds
 from fsr.compare.fidelity import pruning_fidelity
-from fsr.compare.graphs import ERROR, FAIL
+from fsr.compare.graphs import ERROR, FAIL, SKIPPED
 from fsr.compare.reference_runner import ReferenceFromExport
 from fsr.compare.samples import make_samples
 from fsr.compare.tolerances import (
@@ -56,7 +62,7 @@ class CompareOptions:
     budgets: tuple[int, ...] | None = None  # None: the image's token count (the identity), then DEFAULT_BUDGETS
     methods: tuple[str, ...] | None = None  # pruning methods for fidelity; None: all available
     tolerances: dict[str, Tolerance] = dataclasses.field(default_factory=dict)  # pattern -> overrides
-    out_dir: Path | None = None  # Polygraphy JSON files; None: ./fsr-compare/<export name>
+    out_dir: Path | None = None  # Polygraphy JSON files; None: EXPORT/compare
     graph_checks: bool = True
     end_to_end: bool = True
     fidelity: bool = True
@@ -101,6 +107,26 @@ def _validate(options: CompareOptions, manifest: Manifest) -> None:
         raise CompareError(f"budgets must be >= 1 (got {list(options.budgets)})")
     if options.max_new_tokens < 1:
         raise CompareError("--max-new-tokens must be >= 1")
+    if not (options.graph_checks or options.end_to_end or options.fidelity):
+        raise CompareError("nothing to compare: graph checks, end to end and fidelity are all switched off")
+    if not (options.fidelity or [b for b in options.backends if b != "torch"]):
+        raise CompareError("nothing to compare: --backends names no back end besides the torch reference and the "
+                           "fidelity report is off; add --backends ort (or trt), or keep --fidelity")
+
+
+def default_out_dir(export_dir: Path) -> Path:
+    """Where Polygraphy's files go without ``out_dir``: inside the export, beside engines/."""
+    return Path(export_dir) / "compare"
+
+
+def check_backends(backends: list[str], trt_reason: str | None, options: CompareOptions) -> None:
+    """Refuse a run whose back-end comparisons would all be skipped (nothing would be compared)."""
+    if not backends or not (options.graph_checks or options.end_to_end):
+        return
+    if all(b == "trt" for b in backends) and trt_reason:
+        also = "; --backends torch gives the pruning-fidelity report alone" if options.fidelity else ""
+        raise CompareError(f"nothing to compare: TensorRT cannot run here: {trt_reason}. Compare with --backends ort "
+                           f"on this machine, or run on a GPU machine after fsr-build{also}")
 
 
 @contextlib.contextmanager
@@ -127,10 +153,11 @@ def compare_export(export_dir, options: CompareOptions | None = None,
     table = ToleranceTable(dtype, options.tolerances)
     near_tie_tol = options.near_tie_tol if options.near_tie_tol is not None else NEAR_TIE_DEFAULTS[dtype]
     logit_tol = options.logit_tol if options.logit_tol is not None else LOGIT_NEAR_TIE_DEFAULTS[dtype]
-    out_dir = Path(options.out_dir) if options.out_dir else Path("fsr-compare") / export_dir.resolve().name
+    out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(export_dir)
     samples = make_samples(list(options.images), list(options.prompts), builtin=options.builtin_samples)
     backends = [b for b in options.backends if b != "torch"]
     trt_reason = unavailable_reason(manifest) if "trt" in backends else None
+    check_backends(backends, trt_reason, options)
 
     integrity = [] if options.verify else check_integrity(export_dir, manifest)
     progress("loading the PyTorch reference (source/ model)")
@@ -189,6 +216,8 @@ def compare_export(export_dir, options: CompareOptions | None = None,
                                     max_new_tokens=options.max_new_tokens)
 
     failures = _failures(graph_results, e2e, fidelity)
+    skipped = sorted({f"{g.backend}: {g.reason}" for g in graph_results if g.status == SKIPPED}
+                     | {f"{e.backend}: {e.reason}" for e in e2e if e.status == SKIPPED})
     method = get_method(manifest.method.name)
     return {
         "export": str(export_dir.resolve()),
@@ -197,6 +226,7 @@ def compare_export(export_dir, options: CompareOptions | None = None,
         "method_settings": manifest.method.settings, "dtype": dtype,
         "relevance": manifest.relevance.source,
         "random_weights": manifest.model.random_weights,
+        "preset": manifest.model.preset,
         "reference": f"PyTorch (the {manifest.family} spec's modules + the method's readable reference) on the "
                      "export's source/ model, float32",
         "backends": backends,
@@ -213,6 +243,7 @@ def compare_export(export_dir, options: CompareOptions | None = None,
         "end_to_end": [e.to_json() for e in e2e],
         "fidelity": fidelity,
         "fidelity_skipped_reason": fidelity_skipped,
+        "skipped": skipped,
         "failures": failures,
         "passed": not failures,
         "seconds": time.perf_counter() - start,

@@ -6,15 +6,15 @@ The arguments and the export are checked first; the builder (onnx, TensorRT) is 
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from fsr.cli import command, make_app, run_app
+from fsr.cli import command, exit_program, make_app, run_app
 from fsr.cli import err as console
 from fsr.engines.profiles import Profile, check_limits
 from fsr.engines.records import PRECISIONS
@@ -48,17 +48,36 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def report_table(report) -> Table:
+def report_lines(report) -> list[str]:
+    """The build summary as plain lines, one per engine, about 60 characters wide: readable at
+    80 columns and in CI logs, never cut (the TensorRT version is in the title line, the
+    profiles in `profile_lines`; the fp16/bf16 column appears when an engine has one)."""
     flavour = "TensorRT-RTX" if report.flavour == "tensorrt_rtx" else "TensorRT"
-    table = Table(title=f"fsr-build: {report.export_dir} ({flavour} {report.version})")
-    for col in ("engine", "precision", "profiles", "size", "build time", "fp16/bf16 nodes", "TensorRT"):
-        table.add_column(col, justify="right" if col in ("size", "build time", "fp16/bf16 nodes") else "left")
+    half = any(r.precision != "fp32" for r in report.engines)
+    header = ["engine", "precision", "size", "build"] + (["fp16/bf16 nodes"] if half else [])
+    rows = [[Path(r.file).name, r.precision + (" (plugin)" if r.plugin else ""), _mib(r.size_bytes),
+             f"{r.build_seconds:.1f} s"] + ([str(r.low_precision_nodes) if r.precision != "fp32" else "-"] if half
+                                            else [])
+            for r in report.engines]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(line(header))
+    return [f"fsr-build: {report.export_dir} ({flavour} {report.version})", line(header), rule,
+            *(line(r) for r in rows)]
+
+
+def profile_lines(report, width: int = 78) -> list[str]:
+    """Each engine's optimisation profiles, wrapped to ``width`` columns (the same lines in a
+    terminal and in a log)."""
+    lines = ["optimisation profiles (min..max, opt):"]
     for r in report.engines:
-        profiles = "\n".join(Profile.from_json(p).describe() for p in r.profiles)
-        table.add_row(r.file, r.precision + (" (plugin)" if r.plugin else ""), profiles, _mib(r.size_bytes),
-                      f"{r.build_seconds:.1f} s", str(r.low_precision_nodes) if r.precision != "fp32" else "-",
-                      f"{r.flavour} {r.version}")
-    return table
+        for p in r.profiles:
+            lines += textwrap.wrap(f"{Path(r.file).name} {Profile.from_json(p).describe()}", width,
+                                   initial_indent="  ", subsequent_indent="      ", break_on_hyphens=False)
+    return lines
 
 
 app = make_app("Build TensorRT engines for an fsr-export folder.")
@@ -102,7 +121,9 @@ def build(
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         report = build_engines(export_dir, settings, progress=RichProgress(bar), trt=trt)
-    Console().print(report_table(report))
+    out = Console()
+    for line in [*report_lines(report), *profile_lines(report)]:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"timing cache: {report.timing_cache}")
     if report.plugin_graph:
         console.print(f"plugin graph: {report.plugin_graph}")
@@ -112,7 +133,7 @@ def build(
 
 
 def main() -> None:
-    sys.exit(run_app(app, prog_name="fsr-build"))
+    exit_program(run_app(app, prog_name="fsr-build"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ same options: the common ones below, plus every option of every exportable pruni
 (`fsr.pruning.methods`; ``--budget``, ``--alpha``, ... come from the methods' settings
 classes). A method option is ``None`` unless given, so a method's own defaults apply, and
 an option the chosen method does not take is refused. Arguments are checked (settings,
-output folder, the checkpoint's ``model_type``) before torch is imported.
+output folder, the checkpoint's ``model_type`` and processor files, ``--clip``) before
+torch is imported; settings that prune nothing (``--budget`` >= the image's tokens) are
+named once the model is loaded, before the export starts.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any, Optional
 import typer
 
 import fsr.export
-from fsr.cli import command, err, make_app, run_app
+from fsr.cli import command, err, exit_program, make_app, print_note, run_app
 from fsr.files import check_output_folder
 from fsr.models import FAMILIES, check_checkpoint, get_spec, load_model, resolve_model_path
-from fsr.models.registry import FamilyEntry
+from fsr.models.registry import FamilyEntry, ModelError, resolve_clip_path
 from fsr.pruning.methods import MethodError, get_method, method_names, methods
 from fsr.settings import DTYPES, SettingField
 
@@ -71,7 +73,8 @@ def _common_parameters(entry: FamilyEntry) -> list[inspect.Parameter]:
             None, help=f"Checkpoint folder, hub id from the local HF cache, or a preset ({presets}). "
                        f"Default: the built-in '{entry.default_preset}' preset.")),
         inspect.Parameter("clip", kw, annotation=Optional[str], default=typer.Option(
-            None, help="CLIP checkpoint (text tower) for instruction relevance.")),
+            None, help="CLIP checkpoint (text tower) for instruction relevance, with a --model checkpoint "
+                       "(default: its clip/ folder, if any).")),
         inspect.Parameter("output", kw, annotation=Optional[Path], default=typer.Option(
             None, "--output", "-o", help=f"Export folder (default exports/{entry.name}-<model>-<method>).")),
         inspect.Parameter("dtype", kw, annotation=str, default=typer.Option("fp32", help=" | ".join(DTYPES) + ".")),
@@ -93,6 +96,12 @@ def _make_family_command(entry: FamilyEntry):
     export.__doc__ = f"Export {entry.summary.split(':')[0]}: vision (+ pruning op), token embedding, decoder " \
                      "(prefill + decode), text encoder."
     return command(export)
+
+
+def default_output(entry: FamilyEntry, model: str | None, method: str, budget: int | None) -> Path:
+    """``exports/<family>-<model>-<method>[-b<budget>]``, where fsr-export writes without ``-o``."""
+    tag = method if budget is None else f"{method}-b{budget}"
+    return Path("exports") / f"{entry.name}-{Path(model or entry.default_preset).name}-{tag}"
 
 
 def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list[str]) -> None:
@@ -117,11 +126,14 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
     name = model or entry.default_preset
     if model is not None and model not in entry.presets:
         check_checkpoint(resolve_model_path(model), entry.name)  # refuse another kind before any weights
+    if values["clip"] is not None:
+        if model is None or model in entry.presets:
+            raise ModelError(f"--clip applies to a checkpoint given with --model; the built-in '{name}' preset "
+                             "carries its own CLIP text tower (sharing its random vision tower)")
+        resolve_clip_path(values["clip"])  # a missing folder or another kind of model: refused now
     output = values["output"]
     if output is None:
-        budget = method.budget(settings)
-        tag = method.name if budget is None or not method.prunes else f"{method.name}-b{budget}"
-        output = Path("exports") / f"{entry.name}-{Path(name).name}-{tag}"
+        output = default_output(entry, model, method.name, method.budget(settings) if method.prunes else None)
     force = values["force"]
     check_output_folder(output, force=force)  # before loading anything; checked again when writing
     if model is None:
@@ -131,6 +143,10 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
     try:
         with err.status("loading the model") as status:
             loaded = load_model(model, family=entry.name, clip=values["clip"], seed=values["seed"])
+            n_image = get_spec(entry.name).num_image_tokens(loaded.config)
+            identity = method.identity_note(settings, n_image)
+            if identity:
+                print_note(identity)
             export_settings = fsr.export.ExportSettings(method.name, dtype=dtype, settings=settings)
 
             def progress(step: str) -> None:
@@ -141,7 +157,6 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
     except KeyboardInterrupt as exc:  # fsr.files.Interrupted says what became of the output
         err.print(f"[red]{exc or 'interrupted: nothing was written'}[/]")
         raise typer.Exit(getattr(exc, "exit_code", 130)) from None
-    n_image = get_spec(entry.name).num_image_tokens(loaded.config)
     err.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
               f"({method.describe(settings, n_image)}, {dtype})")
 
@@ -151,7 +166,7 @@ for _entry in FAMILIES.values():
 
 
 def main() -> None:
-    sys.exit(run_app(app, prog_name="fsr-export"))
+    exit_program(run_app(app, prog_name="fsr-export"))
 
 
 if __name__ == "__main__":

@@ -21,3 +21,10 @@ class FsrError(Exception):
 
 class InputError(FsrError, ValueError):
     """A bad image or prompt; the message names the problem and the fix."""
+
+
+class Note(UserWarning):
+    """Something the user should know about a run that still goes ahead (only the first
+    frame of an animated image is used, ``--max-new-tokens`` was shortened to fit the
+    context, ...). Issued with `warnings.warn`; the command-line tools print it as
+    ``note: <message>`` (`fsr.cli.command`), the Python API leaves it to `warnings`."""

@@ -11,7 +11,9 @@ Every layer that writes files (export, engines, manifests, reports) goes through
   not: a new folder appears with ``renameat2(RENAME_NOREPLACE)``, a replaced export is
   swapped with ``renameat2(RENAME_EXCHANGE)``; where the file system lacks those, two
   plain renames under a lock (and a recovery, below). `check_output_folder` is the same
-  check without side effects, for a CLI to call before it loads anything.
+  check without side effects, for a CLI to call before it loads anything;
+  `check_output_file` / `check_output_place` are its counterparts for one file, or a
+  folder of files, written at the end of a run (``--json``, ``--plot``, ``--out``).
 - Ownership: temporaries are named ``.NAME.partial-OWNER-XXXXXXXX`` where OWNER names
   the machine, its boot, the process id and the process start time. `clean_stale`
   removes the temporaries of processes that no longer run (SIGKILL, power loss) and
@@ -791,6 +793,38 @@ def check_output_folder(output: Path, *, force: bool = False,
         reason = "read-only file system" if _is_read_only(parent) else "permission denied"
         raise OutputError(f"cannot write into {parent} ({reason}): choose a folder you can write to as {option}")
     return exists
+
+
+def check_output_place(folder: Path, *, option: str = "--output", label: str | None = None) -> None:
+    """Refuse a folder that files cannot be written into (created when missing); no side
+    effects. Refused: a place on a virtual file system (/proc, /sys), a path under a file,
+    a folder (or its nearest existing parent) without write permission or read-only."""
+    folder = Path(folder)
+    label = label or f"{option} {folder}"
+    fstype = filesystem_type(folder)
+    if fstype in PSEUDO_FILESYSTEMS:
+        raise OutputError(f"{label}: that place is on the virtual '{fstype}' file system, which cannot hold files; "
+                          "choose a path on a disk")
+    nearest = _nearest_existing(folder)
+    if not nearest.is_dir():
+        raise OutputError(f"{label}: {nearest} is a file, not a folder; choose another path")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _is_read_only(nearest) else "permission denied"
+        raise OutputError(f"{label}: cannot write into {nearest} ({reason}); choose a folder you can write to")
+
+
+def check_output_file(path: Path, *, option: str = "--output") -> None:
+    """Refuse a file ``path`` that could not be written at the end of a run; no side effects.
+
+    Refused: a folder, a dangling link, and every place `check_output_place` refuses for
+    its folder. A missing folder on the way is fine (it is created then); an existing
+    file is replaced whole (`atomic_write`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; {option} takes a file path (e.g. {path / 'out'})")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"{option} {path} is a dangling symbolic link; choose another path")
+    check_output_place(path.parent, option=option, label=f"{option} {path}")
 
 
 def _is_read_only(folder: Path) -> bool:

@@ -10,6 +10,8 @@ kind is refused before any weights are built::
     spec = get_spec("llava")                # imports fsr.models.llava
     family_of(Path("ckpt"))                 # "llava" (from config.json), or ModelError
     check_checkpoint(Path("ckpt"), "llava") # ModelError naming what the folder holds instead
+                                            # (or the processor files it lacks)
+    resolve_clip_path("openai/clip-...")    # a --clip checkpoint: found, and a CLIP model
 
 Adding a family: its module, plus one `FamilyEntry` line here.
 """
@@ -140,12 +142,61 @@ def family_of(path: Path) -> str:
                      f"{known}")
 
 
+#: files a tokenizer is loaded from (one is enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_processor_files(path: Path, *, image: bool = True, what: str = "the checkpoint") -> None:
+    """Refuse (ModelError) a checkpoint folder without the files its processor is loaded from:
+    a tokenizer, and (``image``) an image-processor configuration (``preprocessor_config.json``,
+    or a ``processor_config.json`` holding an ``image_processor``). Checked before any weights
+    are read: without them the export would fail after loading the model."""
+    path = Path(path)
+    fix = ("copy the processor files from the model it came from (in Python: "
+           "AutoProcessor.from_pretrained(ORIGINAL).save_pretrained(FOLDER))")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): {what} is incomplete; {fix}")
+    if not image:
+        return
+    has_image = (path / "preprocessor_config.json").is_file()
+    if not has_image and (path / "processor_config.json").is_file():
+        try:
+            has_image = "image_processor" in json.loads((path / "processor_config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+            raise ModelError(f"{path}/processor_config.json cannot be read as JSON: {what} is damaged; {fix}") \
+                from None
+    if not has_image:
+        raise ModelError(f"{path} has no image-processor configuration (preprocessor_config.json, or "
+                         f"processor_config.json with an image_processor): {what} is incomplete; {fix}")
+
+
+def resolve_clip_path(clip: str) -> Path:
+    """The ``--clip`` checkpoint (a local folder or a cached hub id), refused unless it is a
+    CLIP model with a tokenizer; before any weights are built."""
+    path = Path(clip).expanduser()
+    if not path.exists() and not (clip.count("/") == 1 and not clip.startswith((".", "/", "~"))):
+        raise ModelError(f"--clip {clip}: no such folder; pass the folder of a CLIP checkpoint (text tower + "
+                         "projections, model_type 'clip') or a hub id in the local Hugging Face cache")
+    try:
+        path = resolve_model_path(clip)
+    except ModelError as exc:
+        raise ModelError(f"--clip {clip}: {exc}") from None
+    model_type = read_config(path).get("model_type")
+    if model_type != "clip":
+        raise ModelError(f"--clip {clip} holds a {model_type!r} checkpoint, not a CLIP model (text tower + "
+                         "projections): pass the CLIP checkpoint the vision tower came from")
+    check_processor_files(path, image=False, what="the CLIP checkpoint")
+    return path
+
+
 def check_checkpoint(path: Path, family: str) -> dict:
-    """Refuse a checkpoint of another kind before any weights are built; returns its config."""
+    """Refuse a checkpoint of another kind, or one without its processor files, before any
+    weights are built; returns its config."""
     entry = get_family(family)
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type in entry.model_types:
+        check_processor_files(path)
         return config
     other = next((e.name for e in CATALOG if model_type in e.model_types), None)
     fix = (f"export it with `fsr-export {other}`" if other else

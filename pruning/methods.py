@@ -128,8 +128,23 @@ class PruningMethod:
         budget = self.budget(settings)
         if not self.prunes or budget is None:
             return self.name
-        return f"{self.name}, budget {budget}" + (" (>= the image's tokens: the identity)" if budget >= num_tokens
-                                                  else "")
+        return f"{self.name}, budget {budget}" + (" (>= the image's tokens: the identity)"
+                                                  if self.is_identity(settings, num_tokens) else "")
+
+    def is_identity(self, settings: Settings, num_tokens: int) -> bool:
+        """True when these settings keep every one of ``num_tokens`` image tokens (a method
+        whose budget means something else overrides this)."""
+        return self.prunes and self.kept_tokens(settings, num_tokens) >= num_tokens
+
+    def identity_note(self, settings: Settings, num_tokens: int) -> str | None:
+        """What ``fsr-export`` tells the user when the settings prune nothing, else None."""
+        if not self.is_identity(settings, num_tokens):
+            return None
+        budget = self.budget(settings)
+        what = f"--budget {budget} >= the {num_tokens}" if budget is not None else f"these settings keep all " \
+            f"{num_tokens}"
+        return (f"{what} image tokens of this model: {self.name} keeps every token (the identity), so the export "
+                f"computes what the unpruned model does; choose a budget below {num_tokens} to prune")
 
     # -- the vision graph ------------------------------------------------------------------
 

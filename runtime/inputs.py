@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fsr.errors import InputError
+from fsr.errors import InputError, Note
 
 
-class InputNote(UserWarning):
+class InputNote(Note):
     """Something about an input the user should know, though it runs (e.g. only the
-    first frame of an animated image is used). Issued with `warnings.warn`."""
+    first frame of an animated image is used). Issued with `warnings.warn`; the CLIs print
+    it as ``note: ...`` (`fsr.errors.Note`)."""
 
 
 def load_image(image):

@@ -20,19 +20,26 @@
 Each decoder segment keeps its own attention mask and position offset in the state, so a
 method that prunes between segments (``DecoderSegment.prune_before``, run by the method's
 ``between_segments`` hook) gives later segments shorter caches.
+
+Requests are checked against the model's context (``manifest.llm.max_positions``) before
+anything runs: a prompt whose tokens (the image counted as the tokens the LLM sees) do not
+fit is refused (`InputError`); a ``max_new_tokens`` beyond what is left is shortened to fit,
+with a `fsr.errors.Note` saying so. ``generate(on_tokens=...)`` hands each step's new
+tokens to the caller as they come (``fsr-run`` prints them: an interrupt loses nothing).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from transformers import AutoProcessor, AutoTokenizer
 
-from fsr.errors import InputError
+from fsr.errors import InputError, Note
 from fsr.manifest import Manifest, read_manifest
 from fsr.models import get_spec
 from fsr.models.spec import (
@@ -49,9 +56,14 @@ class GenerationResult:
     text: str
     kept_indices: list | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: why generation stopped: "eos" (an end-of-sequence token, included in ``token_ids``),
+    #: "length" (``max_new_tokens`` reached) or "interrupted" (a partial result)
+    stop: str = "length"
 
     def to_json(self) -> dict:
-        return {"token_ids": self.token_ids, "text": self.text}
+        """One result of ``fsr-run --json``: ``{"token_ids", "text", "kept_indices", "stop"}``."""
+        return {"token_ids": self.token_ids, "text": self.text, "kept_indices": self.kept_indices,
+                "stop": self.stop}
 
 
 @dataclasses.dataclass
@@ -117,8 +129,40 @@ class HostSteps:
         pil = [load_image(im) for im in images]
         texts = [self.spec.format_prompt(self.processor, p, raw) for p in prompts]
         rows = self.spec.tokenize(self.processor, texts, self.manifest.image.image_token_id)
+        self.fit_new_tokens(rows, 1)  # a prompt longer than the context is refused before anything runs
         return Request(self.spec.preprocess_images(self.processor, pil), rows,
                        [self.spec.instruction_text(self.processor, p) for p in prompts])
+
+    def prompt_positions(self, row: list[int]) -> int:
+        """Positions a token row takes in the LLM: its text tokens plus, for each image token,
+        the image tokens the LLM sees (``manifest.image.kept_image_tokens``, an upper bound)."""
+        image = self.manifest.image
+        n_images = row.count(image.image_token_id)
+        return len(row) - n_images + n_images * image.kept_image_tokens
+
+    def fit_new_tokens(self, rows: list[list[int]], max_new_tokens: int) -> int:
+        """``max_new_tokens`` shortened to what the context leaves after the longest prompt
+        (a `Note` says so); `InputError` when a prompt alone does not fit."""
+        context = self.manifest.llm.max_positions
+        if not context:
+            return max_new_tokens
+        row = max(rows, key=self.prompt_positions)
+        longest = self.prompt_positions(row)
+        if longest > context:
+            n_images = row.count(self.manifest.image.image_token_id)
+            image = longest - (len(row) - n_images)
+            raise InputError(
+                f"the prompt takes {longest} positions ({len(row) - n_images} text tokens + {image} image tokens), "
+                f"more than the model's context of {context}: shorten the prompt to at most "
+                f"{max(context - image, 0)} text tokens")
+        # the prefill gives the first new token; each further one is fed back at the next position
+        room = context - longest + 1
+        if max_new_tokens > room:
+            warnings.warn(Note(f"max_new_tokens {max_new_tokens} does not fit in the model's context ({context} "
+                               f"positions, the prompt takes {longest}): generating at most {room} tokens"),
+                          stacklevel=2)
+            return room
+        return max_new_tokens
 
     def instruction_embeds(self, instructions: list[str], relevance: str | None = None) -> np.ndarray | None:
         """[B, E] in the export's dtype: the mean CLIP text embedding of the instruction's chunks, or
@@ -297,12 +341,15 @@ class Pipeline(HostSteps):
 
     # -- public API ----------------------------------------------------------------------
 
-    def generate(self, images: list, prompts: list[str], *, raw: bool = False,
-                 max_new_tokens: int = 32) -> list[GenerationResult]:
+    def generate(self, images: list, prompts: list[str], *, raw: bool = False, max_new_tokens: int = 32,
+                 on_tokens: Callable[[list[int | None]], None] | None = None) -> list[GenerationResult]:
+        """Greedy generation. ``on_tokens`` gets each step's new token per row as it comes
+        (None for a row that has already stopped)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         t0 = time.perf_counter()
         request = self.prepare(images, prompts, raw)
+        max_new_tokens = self.fit_new_tokens(request.rows, max_new_tokens)
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
@@ -319,10 +366,14 @@ class Pipeline(HostSteps):
         t = time.perf_counter()
         for step in range(max_new_tokens):
             next_ids = self.next_tokens(state)
+            new: list[int | None] = [None] * batch
             for b in range(batch):
                 if not done[b]:
                     generated[b].append(int(next_ids[b]))
+                    new[b] = int(next_ids[b])
                     done[b] = int(next_ids[b]) in self.eos
+            if on_tokens is not None:
+                on_tokens(new)
             if done.all() or step == max_new_tokens - 1:
                 break
             state = self.decode(state, np.where(done, self.pad_id, next_ids))
@@ -331,7 +382,7 @@ class Pipeline(HostSteps):
         kept = features.kept_indices
         return [
             GenerationResult(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                             None if kept is None else kept[b], dict(timings))
+                             None if kept is None else kept[b], dict(timings), "eos" if done[b] else "length")
             for b, ids in enumerate(generated)
         ]
 

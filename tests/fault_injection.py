@@ -90,7 +90,8 @@ def _script(name: str) -> list[str]:
     exe = Path(sys.executable).with_name(name)
     if exe.exists():
         return [str(exe)]
-    module = {"fsr-export": "fsr.export.cli", "fsr-build": "fsr.engines.cli", "fsr-run": "fsr.runtime.cli"}[name]
+    module = {"fsr-export": "fsr.export.cli", "fsr-build": "fsr.engines.cli", "fsr-run": "fsr.runtime.cli",
+              "fsr-compare": "fsr.compare.cli", "fsr-bench": "fsr.bench.cli"}[name]
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 
@@ -108,8 +109,11 @@ class Run:
 def message_of(text: str) -> str:
     """The line(s) the user reads: errors, interrupts, notes and removals, else the last line."""
     lines = [re.sub(r"\s{3,}\S+\.py:\d+$", "", ln).strip() for ln in text.splitlines() if ln.strip()]
-    keep = [ln for ln in lines if re.match(r"^(error:|interrupted|warning:|note:|\[.*\] (removed|restored|kept))", ln)
+    keep = [ln for ln in lines if re.match(r"^(error:|Error:|hint:|interrupted|warning:|note:|"
+                                           r"\[.*\] (removed|restored|kept))", ln)
             or re.search(r"(InputNote|removed .* left by|restored )", ln)]
+    first = ("error:", "Error:", "hint:", "interrupted")  # what went wrong before what was noted on the way
+    keep.sort(key=lambda ln: 0 if ln.startswith(first) else 1)
     return " | ".join(keep) if keep else (lines[-1] if lines else "")
 
 
@@ -172,16 +176,18 @@ class Lab:
         self.mounts.clear()
 
     # -- commands
-    def run(self, cmd: list[str], cwd: Path | None = None, timeout: float = 900) -> Run:
-        r = subprocess.run(cmd, cwd=cwd or self.root, env=ENV, capture_output=True, text=True, timeout=timeout)
+    def run(self, cmd: list[str], cwd: Path | None = None, timeout: float = 900, env: dict | None = None) -> Run:
+        r = subprocess.run(cmd, cwd=cwd or self.root, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                           timeout=timeout)
         return Run(r.returncode, r.stdout, r.stderr)
 
     def export(self, *args: str, cwd: Path | None = None) -> Run:
         return self.run([*_script("fsr-export"), "llava", "--method", "none", *args], cwd=cwd)
 
-    def start(self, cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
-        with open(log, "w") as f:
-            return subprocess.Popen(cmd, cwd=cwd or self.root, env=ENV, stdout=f, stderr=f)
+    def start(self, cmd: list[str], log: Path, cwd: Path | None = None, out: Path | None = None) -> subprocess.Popen:
+        """``cmd`` in the background; standard error (and output, unless ``out``) into ``log``."""
+        with open(log, "w") as f, open(out or log, "a") as o:
+            return subprocess.Popen(cmd, cwd=cwd or self.root, env=ENV, stdout=o if out else f, stderr=f)
 
     def python(self, body: str, *args: str, timeout: float = 900) -> Run:
         code = _PRELUDE + textwrap.dedent(body) + "\n_main(main)\n"
@@ -196,6 +202,18 @@ class Lab:
                 raise RuntimeError(f"the reference export failed:\n{r.text}")
             self._reference = out
         return self._reference
+
+    def sample_image(self) -> Path:
+        """The README's sample picture (examples/photo.png), drawn into the lab once."""
+        path = self.root / "photo.png"
+        if not path.exists():
+            shipped = Path(__file__).resolve().parents[1] / "examples" / "photo.png"
+            if shipped.exists():
+                shutil.copy(shipped, path)
+            else:
+                from PIL import Image
+                Image.new("RGB", (64, 48), "teal").save(path)
+        return path
 
     def copy_reference(self, dst: Path) -> Path:
         shutil.copytree(self.reference(), dst, symlinks=True)
@@ -660,9 +678,9 @@ def _png_header(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def _fsr_run(lab: Lab, image: Path) -> Run:
-    return lab.run([*_script("fsr-run"), str(lab.reference()), "--image", str(image), "--prompt", "What is this?",
-                    "--max-new-tokens", "2"])
+def _fsr_run(lab: Lab, image: Path, export: Path | None = None) -> Run:
+    return lab.run([*_script("fsr-run"), str(export or lab.reference()), "--image", str(image), "--prompt",
+                    "What is this?", "--max-new-tokens", "2"])
 
 
 @case("image-16bit-png", "images", "a 16-bit grey PNG (was clipped: 99.6 % of pixels became 255)")
@@ -688,10 +706,10 @@ def _(lab: Lab) -> Outcome:
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
     r = _fsr_run(lab, path)
     note = " ".join(ln.strip() for ln in r.err.splitlines() if "first frame" in ln)
-    o = outcome(r, True, (0,), "passes when the user is told that only the first frame is used")
+    o = outcome(r, True, (0,), "passes when a note line (not a Python warning) says only the first frame is used")
     o.message = note or "(no word about the other frames)"
-    if not note:
-        o.expected = ()  # silently using one frame of three is the old behaviour
+    if not note.startswith("note: ") or "InputNote" in r.err:
+        o.expected = ()  # silently using one frame of three, or a raw warning line, is the old behaviour
     return o
 
 
@@ -717,6 +735,306 @@ def _(lab: Lab) -> Outcome:
     path = lab.folder("not-image") / "notes.png"
     path.write_text("not a picture")
     return outcome(_fsr_run(lab, path), True, (2,))
+
+
+# ----------------------------------------------------------------------------- bad input named (issue 9, second part)
+
+
+def _export_out(lab: Lab, name: str) -> tuple[Path, Path]:
+    base = lab.folder(name)
+    return base, base / "out"
+
+
+@case("checkpoint-without-processor", "bad input", "fsr-export --model DIR, DIR without tokenizer / processor files")
+def _(lab: Lab) -> Outcome:
+    base, out = _export_out(lab, "no-processor")
+    ckpt = base / "ckpt"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (lab.reference() / "source" / name).exists():
+            shutil.copy(lab.reference() / "source" / name, ckpt / name)
+    start = time.perf_counter()
+    r = lab.export("--model", str(ckpt), "-o", str(out))
+    return outcome(r, not out.exists() and not lab.leftovers(base), (2,),
+                   f"refused after {time.perf_counter() - start:.1f} s, before the weights were loaded")
+
+
+@case("alpha-nan", "bad input", "fsr-export --alpha nan")
+def _(lab: Lab) -> Outcome:
+    base, out = _export_out(lab, "alpha-nan")
+    r = lab.run([*_script("fsr-export"), "llava", "--alpha", "nan", "-o", str(out)])
+    return outcome(r, not out.exists(), (2,))
+
+
+def _damaged_manifest(lab: Lab, name: str, change: Callable[[dict], object]) -> Path:
+    export = lab.copy_reference(lab.folder(name) / "export")
+    manifest = json.loads((export / "manifest.json").read_text())
+    (export / "manifest.json").write_text(json.dumps(change(manifest)))
+    return export
+
+
+@case("manifest-not-an-object", "bad input", "fsr-run on an export whose manifest.json is [1,2]")
+def _(lab: Lab) -> Outcome:
+    export = _damaged_manifest(lab, "manifest-list", lambda m: [1, 2])
+    return outcome(_fsr_run(lab, lab.sample_image(), export), True, (2,))
+
+
+@case("manifest-graph-without-files", "bad input", "fsr-compare on an export whose vision graph lists no files")
+def _(lab: Lab) -> Outcome:
+    def drop(m):
+        del m["graphs"]["vision"]["files"]
+        return m
+    export = _damaged_manifest(lab, "manifest-no-files", drop)
+    r = lab.run([*_script("fsr-compare"), str(export)])
+    return outcome(r, not (export / "compare").exists(), (2,))
+
+
+@case("compare-json-unwritable", "bad input", "fsr-compare --json /proc/... (checked before the comparisons run)")
+def _(lab: Lab) -> Outcome:
+    export = lab.copy_reference(lab.folder("compare-json") / "export")
+    start = time.perf_counter()
+    r = lab.run([*_script("fsr-compare"), str(export), "--json", "/proc/fsr-compare.json"])
+    return outcome(r, not (export / "compare").exists() and not os.path.exists("/proc/fsr-compare.json"), (2,),
+                   f"refused after {time.perf_counter() - start:.1f} s; no comparison ran")
+
+
+@case("bench-json-unwritable", "bad input", "fsr-bench EXPORT --json /proc/... (checked before the measurements)")
+def _(lab: Lab) -> Outcome:
+    base = lab.folder("bench-json")
+    start = time.perf_counter()
+    r = lab.run([*_script("fsr-bench"), str(lab.reference()), "--json", "/proc/fsr-bench.json", "--cache-dir",
+                 str(base / "cache")])
+    return outcome(r, not os.path.exists("/proc/fsr-bench.json") and not (base / "cache").exists(), (2,),
+                   f"refused after {time.perf_counter() - start:.1f} s; nothing measured")
+
+
+@case("bench-plot-under-a-file", "bad input", "fsr-bench EXPORT --plot FILE/plot.png")
+def _(lab: Lab) -> Outcome:
+    base = lab.folder("bench-plot")
+    (base / "file").write_text("data")
+    r = lab.run([*_script("fsr-bench"), str(lab.reference()), "--plot", str(base / "file" / "plot.png"),
+                 "--cache-dir", str(base / "cache")])
+    return outcome(r, (base / "file").read_text() == "data", (2,))
+
+
+@case("missing-image-first", "bad input", "fsr-run with a missing image: said before the runtime is imported")
+def _(lab: Lab) -> Outcome:
+    start = time.perf_counter()
+    r = _fsr_run(lab, lab.root / "missing.png")
+    return outcome(r, True, (2,), f"message after {time.perf_counter() - start:.1f} s")
+
+
+@case("clip-missing", "bad input", "fsr-export --model CKPT --clip PATH, PATH missing")
+def _(lab: Lab) -> Outcome:
+    base, out = _export_out(lab, "clip-missing")
+    r = lab.export("--model", str(lab.reference() / "source"), "--clip", str(base / "no-such-clip"), "-o", str(out))
+    return outcome(r, not out.exists() and not lab.leftovers(base), (2,))
+
+
+@case("clip-with-preset", "bad input", "fsr-export --clip PATH with the built-in preset (was silently ignored)")
+def _(lab: Lab) -> Outcome:
+    base, out = _export_out(lab, "clip-preset")
+    r = lab.export("--clip", str(lab.reference() / "source" / "clip"), "-o", str(out))
+    return outcome(r, not out.exists(), (2,))
+
+
+@case("json-flag-with-value", "bad input", "fsr-run ... --json true (a flag given a value)")
+def _(lab: Lab) -> Outcome:
+    r = lab.run([*_script("fsr-run"), str(lab.reference()), "--image", str(lab.sample_image()), "--prompt", "hi",
+                 "--json", "true"])
+    o = outcome(r, True, (2,))
+    if "is a flag" not in r.err:
+        o.expected = ()
+    return o
+
+
+# ----------------------------------------------------------------------------- silent wrong results
+
+
+@case("prompt-longer-than-context", "silent results", "fsr-run with a 100 KB prompt (ONNX Runtime tried 149 GiB)")
+def _(lab: Lab) -> Outcome:
+    start = time.perf_counter()
+    r = lab.run([*_script("fsr-run"), str(lab.reference()), "--image", str(lab.sample_image()), "--prompt",
+                 "word " * 20000, "--max-new-tokens", "2"])
+    return outcome(r, "context" in r.err, (2,), f"refused after {time.perf_counter() - start:.1f} s")
+
+
+def _interrupt_generation(lab: Lab, name: str, *extra: str) -> tuple[int | None, str, str, bool]:
+    """fsr-run --max-new-tokens 100000, SIGINT two seconds after the shortening note."""
+    base = lab.folder(name)
+    cmd = [*_script("fsr-run"), str(lab.reference()), "--image", str(lab.sample_image()), "--prompt",
+           "Describe the picture.", "--max-new-tokens", "100000", *extra]
+    proc = lab.start(cmd, base / "err.txt", out=base / "out.txt")
+    try:
+        noted = lab.wait_for(lambda: "generating at most" in (base / "err.txt").read_text(), proc, timeout=300)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(120)
+    finally:
+        proc.kill()
+    return rc, (base / "out.txt").read_text(), (base / "err.txt").read_text(), noted
+
+
+@case("max-new-tokens-beyond-context", "silent results",
+      "fsr-run --max-new-tokens 100000 (more than the context): shortened with a note; Ctrl-C keeps the text")
+def _(lab: Lab) -> Outcome:
+    rc, out, err, noted = _interrupt_generation(lab, "beyond-context")
+    kept = len(out.strip()) > 0 and out.endswith("\n")
+    return Outcome(rc, message_of(err), noted and kept, (130,),
+                   f"{len(out.rstrip())} characters streamed before Ctrl-C, all kept", has_traceback(err))
+
+
+@case("interrupt-json-run", "silent results", "Ctrl-C during fsr-run --json: the tokens so far are printed")
+def _(lab: Lab) -> Outcome:
+    rc, out, err, noted = _interrupt_generation(lab, "interrupt-json", "--json")
+    try:
+        [result] = json.loads(out.strip().splitlines()[-1])["results"]
+        kept = result["stop"] == "interrupted" and len(result["token_ids"]) > 0
+        detail = f"{len(result['token_ids'])} tokens printed as a partial result"
+    except (ValueError, KeyError, IndexError, TypeError):
+        kept, detail = False, "no JSON result after the interrupt"
+    return Outcome(rc, message_of(err), noted and kept, (130,), detail, has_traceback(err))
+
+
+@case("budget-identity", "silent results", "fsr-export --budget 1000 (>= the 576 image tokens): named the identity")
+def _(lab: Lab) -> Outcome:
+    base, out = _export_out(lab, "budget-identity")
+    proc = lab.start([*_script("fsr-export"), "llava", "--budget", "1000", "-o", str(out)], base / "log.txt")
+    try:
+        noted = lab.wait_for(lambda: "identity" in (base / "log.txt").read_text(), proc, timeout=300)
+        proc.send_signal(signal.SIGTERM)  # the note is what this case is about: stop the export there
+        rc = proc.wait(300)
+    finally:
+        proc.kill()
+    text = (base / "log.txt").read_text()
+    return Outcome(rc, message_of(text), noted and not out.exists() and not lab.leftovers(base), (143,),
+                   "the note comes before the export; then stopped", has_traceback(text))
+
+
+@case("compare-trt-only", "silent results", "fsr-compare --backends trt where TensorRT cannot run (was PASSED)")
+def _(lab: Lab) -> Outcome:
+    export = lab.copy_reference(lab.folder("compare-trt") / "export")
+    import torch
+
+    r = lab.run([*_script("fsr-compare"), str(export), "--backends", "trt"])
+    if torch.cuda.is_available():  # TensorRT may run here: then it compares (the export has no engines: exit 2 too)
+        return outcome(r, True, (0, 1, 2), "a GPU machine: see the message")
+    return outcome(r, not (export / "compare").exists(), (2,), "refused before the reference model was loaded")
+
+
+# ----------------------------------------------------------------------------- first use
+
+
+@case("random-weights-named", "first use", "fsr-run on a random-weight export says so")
+def _(lab: Lab) -> Outcome:
+    r = _fsr_run(lab, lab.sample_image())
+    o = outcome(r, True, (0,))
+    o.message = " ".join(ln for ln in r.err.splitlines() if "random weights" in ln) or "(not said)"
+    if "random weights" not in r.err:
+        o.expected = ()
+    return o
+
+
+@case("text-printed-safely", "first use", "fsr-run prints the random model's control characters as escapes")
+def _(lab: Lab) -> Outcome:
+    import numpy as np
+    from PIL import Image
+
+    noise = lab.folder("safe-text") / "noise.png"  # noise makes the random model emit control characters
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 80, 3)).astype("uint8")).save(noise)
+    args = [*_script("fsr-run"), str(lab.reference()), "--image", str(noise), "--prompt",
+            "What is in the picture?", "--max-new-tokens", "64"]
+    raw = lab.run([*args, "--json"])
+    r = lab.run(args)
+    try:
+        generated = json.loads(raw.out.strip().splitlines()[-1])["results"][0]["text"]
+    except (ValueError, KeyError, IndexError):
+        generated = ""
+    controls = sum(1 for c in generated if ord(c) < 32 and c not in "\n\t" or 0x7f <= ord(c) < 0xa0)
+    printed = sum(1 for c in r.out if ord(c) < 32 and c not in "\n\t" or 0x7f <= ord(c) < 0xa0)
+    return outcome(r, printed == 0 and controls > 0, (0,),
+                   f"{controls} control characters generated, {printed} printed (as visible escapes instead)")
+
+
+@case("json-one-shape", "first use", "fsr-run --json: one image and a batch give the same shape, with kept_indices")
+def _(lab: Lab) -> Outcome:
+    image = str(lab.sample_image())
+    base = [*_script("fsr-run"), str(lab.reference()), "--max-new-tokens", "2", "--json"]
+    one = lab.run([*base, "--image", image, "--prompt", "hi"])
+    two = lab.run([*base, "--image", image, "--prompt", "hi", "--image", image, "--prompt", "yo"])
+    try:
+        docs = [json.loads(r.out.strip().splitlines()[-1]) for r in (one, two)]
+        same = set(docs[0]) == set(docs[1]) and [len(d["results"]) for d in docs] == [1, 2] and all(
+            "kept_indices" in r for d in docs for r in d["results"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        same = False
+    return outcome(two, same, (0,), "keys: " + (", ".join(sorted(docs[0])) if same else "differ"))
+
+
+@case("help-shows-flags", "first use", "fsr-run --help shows flags without a '<bool>' value")
+def _(lab: Lab) -> Outcome:
+    r = lab.run([*_script("fsr-run"), "--help"])
+    shown = "<bool>" in r.out
+    return Outcome(r.rc, "'<bool>' shown" if shown else "flags shown as flags (--json, --raw, ...)", True,
+                   () if shown else (0,), traceback="Traceback (most recent call last)" in r.text)  # panels use ╭─
+
+
+@case("compare-writes-under-export", "first use", "fsr-compare writes Polygraphy files under the export, not in ./")
+def _(lab: Lab) -> Outcome:
+    base = lab.folder("compare-out")
+    export = lab.copy_reference(base / "export")
+    work = base / "work"
+    work.mkdir()
+    r = lab.run([*_script("fsr-compare"), str(export), "--backends", "ort", "--graphs", "embed", "--no-end-to-end",
+                 "--no-fidelity", "--builtin-samples", "1"], cwd=work)
+    return outcome(r, os.listdir(work) == [] and (export / "compare" / "embed").is_dir(), (0,),
+                   "nothing in the working folder; EXPORT/compare/embed written")
+
+
+@case("compare-random-weights-explained", "first use", "fsr-compare on a random-weight export explains the figures")
+def _(lab: Lab) -> Outcome:
+    export = lab.copy_reference(lab.folder("compare-random") / "export")
+    r = lab.run([*_script("fsr-compare"), str(export), "--backends", "torch", "--budgets", "576,64",
+                 "--builtin-samples", "1", "--max-new-tokens", "4"])
+    o = outcome(r, True, (0,))
+    o.message = " ".join(ln for ln in r.out.splitlines() if ln.startswith("note:"))[:200] or "(not explained)"
+    if "do not rank methods" not in " ".join(r.out.split()):
+        o.expected = ()
+    return o
+
+
+@case("bench-cache-keyed", "first use", "fsr-bench's preset cache: an export of another version is not reused")
+def _(lab: Lab) -> Outcome:
+    base = lab.folder("bench-cache")
+    r = lab.python("""
+    def main():
+        import shutil
+        import fsr.bench.targets as targets
+        cache, reference = Path(sys.argv[1]), Path(sys.argv[2])
+        key = targets.export_cache_key()
+        old = cache / "v0.0.0-000000000000" / "llava-tiny-fp32-seed0" / "none"   # made by another version
+        shutil.copytree(reference, old)
+        made = []
+        def exporter(loaded, output, settings, force=False):
+            made.append(output)
+            shutil.copytree(reference, output)
+        records = targets.ensure_preset_exports("tiny", [576], cache, exporter=exporter, loader=lambda *a: None)
+        assert not records[0]["reused"] and key in records[0]["path"], records
+        again = targets.ensure_preset_exports("tiny", [576], cache, exporter=exporter, loader=lambda *a: None)
+        assert again[0]["reused"] and len(made) == 1
+        print(f"note: the other version's export was not reused; this version's ({key}) was, on the second run")
+    """, base / "cache", lab.reference())
+    return outcome(r, r.rc == 0, (0,))
+
+
+@case("build-summary-80-columns", "first use", "fsr-build's summary at 80 columns (was cut to 'engines…')")
+def _(lab: Lab) -> Outcome:
+    export = lab.copy_reference(lab.folder("build-80") / "export")
+    r = lab.run([*_script("fsr-build"), str(export)], env={"COLUMNS": "80"})
+    wide = [ln for ln in r.out.splitlines() if len(ln) > 80 or "…" in ln]
+    o = outcome(r, not wide, (0,), f"{len(r.out.splitlines())} lines, {len(wide)} wider than 80 or cut")
+    o.message = (r.out.splitlines() or [""])[0]
+    return o
 
 
 # ----------------------------------------------------------------------------- main

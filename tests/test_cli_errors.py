@@ -111,7 +111,8 @@ def test_run_json(export_none, images):
                                 "3", "--json"])
     assert r.exit_code == 0, r.output
     payload = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(payload) == {"token_ids", "text"} and 1 <= len(payload["token_ids"]) <= 3
+    [result] = payload["results"]  # one shape for one image and a batch (tests/test_first_use.py)
+    assert set(result) == {"token_ids", "text", "kept_indices", "stop"} and 1 <= len(result["token_ids"]) <= 3
 
 
 def test_missing_image(export_none, tmp_path):

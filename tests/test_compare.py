@@ -177,6 +177,18 @@ def fsr64_untouched(export_dir) -> bool:
 # ---------------------------------------------------------------------------- pruning fidelity
 
 
+def test_random_weights_are_explained(cli_none):
+    """Issue 9: FSR at 0 % next to random at 100 % on the random-weight model, with no explanation."""
+    result, report = cli_none
+    output = " ".join(result.output.split())
+    assert report["random_weights"] is True and report["preset"] == "tiny"
+    assert "note: this export has random weights (the built-in 'tiny' preset)" in output
+    assert "the pruning-fidelity figures do not rank methods" in output
+    margin = report["fidelity"]["unpruned_margin"]
+    assert 0.0 <= margin["min"] <= margin["median"] <= margin["max"] <= 1.0 and margin["steps"] >= 3
+    assert "Unpruned model's confidence: top-1 minus top-2 next-token probability" in output
+
+
 def test_fidelity_json_on_tiny_export(cli_none):
     _, report = cli_none
     fidelity = report["fidelity"]
@@ -213,6 +225,7 @@ def test_trt_skipped_with_reason_or_run(report_fsr64, export_fsr64):
         assert all(g["status"] in ("pass", "near-tie") for g in trt_graphs + [trt_e2e])
         return
     assert report_fsr64["trt_skipped_reason"] == reason
+    assert report_fsr64["skipped"] == [f"trt: {reason}"]  # the report's own list (and its last lines)
     assert all(g["status"] == "skipped" and g["reason"] == reason for g in trt_graphs)
     assert trt_e2e["status"] == "skipped" and trt_e2e["reason"] == reason
     assert "no TensorRT engines" in reason and "fsr-build" in reason  # the fixture export has none
