@@ -221,6 +221,12 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
     # one target per (method, kept tokens): exports of several methods at one budget are measured side by side
     by_key: dict[tuple[str, int], tuple[Path, Manifest]] = {}
     for d, m in found:
+        method = get_method(m.method.name)
+        if m.image.kept_image_tokens >= n_image and not method.is_identity(
+                method.settings_from_json(m.method.settings), n_image):
+            raise BenchError(f"{d} ({method.describe(method.settings_from_json(m.method.settings), n_image)}) hands "
+                             f"the LLM {m.image.kept_image_tokens} image tokens, no fewer than the unpruned model's "
+                             f"{n_image}: there is no speedup to measure; export it with a budget below {n_image}")
         key = (_method_label(m), min(m.image.kept_image_tokens, n_image))
         if key in by_key and not get_method(by_key[key][1].method.name).prunes \
                 and get_method(m.method.name).prunes:

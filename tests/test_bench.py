@@ -226,6 +226,22 @@ def test_missing_budget_is_an_error(export_none, export_fsr64, tmp_path):
         targets_from_exports([export_none, export_fsr64, export_fsr64], "ort", None, tmp_path)
 
 
+def test_an_export_that_keeps_every_token_but_is_not_unpruned_is_refused(export_none, export_vz64, tmp_path):
+    """VisionZip at budget 576 hands the LLM 576 tokens ([CLS] + merged rows): neither a baseline nor a speedup."""
+    import shutil
+
+    from fsr.bench.targets import BenchError, targets_from_exports
+    from fsr.manifest import read_manifest, write_manifest
+
+    folder = tmp_path / "vz576"
+    shutil.copytree(export_vz64, folder)
+    manifest = read_manifest(folder)
+    manifest.method.settings["budget"], manifest.image.kept_image_tokens = 576, 576
+    write_manifest(folder, manifest)
+    with pytest.raises(BenchError, match="no fewer than the unpruned model's 576"):
+        targets_from_exports([export_none, folder], "ort", None, tmp_path)
+
+
 # ----------------------------------------------------------------------------- torch backend
 
 
