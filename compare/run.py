@@ -14,7 +14,8 @@ Three parts, each optional:
 method's ``kept_indices`` excepted), when a comparison could not run on a back end that is
 available, when a generated sequence differs from the reference other than at a
 near-tie, or when a fidelity row the method calls its identity (a budget >= N image tokens,
-`PruningMethod.is_identity`) does not reproduce the unpruned model exactly. Skipped comparisons (TensorRT without a GPU) do not fail.
+`PruningMethod.is_identity`) does not reproduce the unpruned model exactly. Skipped
+comparisons (TensorRT without a GPU) do not fail.
 
 The export is verified first, as ``fsr-run`` does (every hash in the manifest): an altered
 file stops the comparison with the integrity message. ``verify=False`` compares an export
