@@ -362,3 +362,14 @@ def test_export_options_are_checked(args, message, tmp_path):
     assert result.exit_code == 2, result.output
     assert message in re.sub(r"\s+", " ", result.output)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "tiny", "--methods", "uniform"], "--methods takes pruning methods with an in-graph form"),
+    (["EXPORT", "--methods", "visionzip"], "--methods applies to --preset"),
+])
+def test_bench_methods_option_is_checked(args, message, capsys):
+    from fsr.bench.cli import main
+
+    assert main([a.replace("EXPORT", "/nonexistent") for a in args]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
