@@ -1,6 +1,7 @@
 """``fsr-bench``: what pruning buys, measured against the device's roofline.
 
-    fsr-bench [EXPORT_DIR ...] [--preset small] [--budgets 576,192,128,64] [--backend ort|trt|torch]
+    fsr-bench [EXPORT_DIR ...] [--preset small [--methods fsr,visionzip]] [--budgets 576,192,128,64]
+              [--backend ort|trt|torch]
               [--batch 1,4] [--warmup N] [--repeat N] [--new-tokens N] [--json FILE] [--plot FILE.png]
     fsr-bench op [--n N --d D --f F --budget 64] [--export DIR] [--bench-json FILE]
 
@@ -29,6 +30,7 @@ from fsr.cli import OptionError, check_output_file, command, current_argv, err, 
     split_list
 from fsr.files import atomic_write, check_output_place
 from fsr.models import FAMILIES, get_family
+from fsr.pruning.methods import method_names
 from fsr.runtime.backend import BackendError
 from fsr.settings import DTYPES
 
@@ -93,6 +95,9 @@ def bench(
                                                      "means unpruned (the unpruned baseline is always measured; "
                                                      "default with --preset: 192,128,64; with folders: every "
                                                      "budget they hold)."),
+    methods: Optional[str] = typer.Option(None, help="With --preset: pruning methods exported at every budget, "
+                                                     "comma-separated (default fsr; e.g. fsr,visionzip). Export "
+                                                     "folders bring their own."),
     backend: str = typer.Option("ort", help=" | ".join(BACKENDS) + "."),
     batch: str = typer.Option("1", help="Batch sizes, comma-separated."),
     warmup: int = typer.Option(1, min=0, help="Warm-up runs per budget and batch."),
@@ -141,6 +146,13 @@ def bench(
     if fsr_impl not in ("fixed", "reference"):
         raise OptionError(f"unknown --fsr-impl {fsr_impl!r}; choose fixed or reference")
     get_family(family)
+    if methods and not preset:
+        raise OptionError("--methods applies to --preset; export folders bring their own method")
+    method_list = tuple(split_list(methods, "--methods")) if methods else None
+    usable = method_names(exportable=True, prunes=True)
+    if method_list and any(m not in usable for m in method_list):
+        raise OptionError(f"--methods takes pruning methods with an in-graph form ({', '.join(usable)}); got "
+                          f"{', '.join(method_list)} (the unpruned baseline is always measured)")
     budget_list = _positive(split_list(budgets, "--budgets", int), "--budgets") if budgets else None
     batches = _positive(split_list(batch, "--batch", int), "--batch")
     backend_options = _options(backend_option or [])
@@ -177,7 +189,7 @@ def bench(
             specs, info, _ = targets.targets_from_preset(
                 preset, budget_list or list(DEFAULT_PRESET_BUDGETS), backend, workdir, cache_dir=cache, family=family,
                 dtype=dtype, device=device, seed=seed, force=force_export, method_form=fsr_impl,
-                progress=progress, backend_options=backend_options)
+                progress=progress, backend_options=backend_options, methods=method_list or (targets.PRESET_METHOD,))
         else:
             specs, info = targets.targets_from_exports(list(exports), backend, budget_list, workdir, device=device,
                                                        method_form=fsr_impl, backend_options=backend_options)
@@ -197,11 +209,11 @@ def bench(
         overall = bar.add_task("all runs", total=len(specs) * len(settings.batches) * per_config)
 
         def on_target(spec, phase: str) -> None:
-            name = "unpruned" if spec.is_baseline else f"budget {spec.kept_tokens}"
+            name = "unpruned" if spec.is_baseline else f"{spec.method} budget {spec.kept_tokens}"
             err.log(f"opening {name} on {backend} ({phase})")
 
         def on_config(spec, batch_size):
-            name = "unpruned" if spec.is_baseline else f"budget {spec.kept_tokens}"
+            name = "unpruned" if spec.is_baseline else f"{spec.method} budget {spec.kept_tokens}"
             task = bar.add_task(f"{name} · batch {batch_size}", total=per_config)
 
             def tick() -> None:

@@ -238,7 +238,8 @@ def bench_op(*, batch: int = 1, n: int = 576, d: int = 4096, f: int = 1024, budg
 
 def share_of_ttft(op_doc: dict, bench: dict) -> dict:
     """Each implementation's median as a share of the benchmark's TTFT at the same budget and batch."""
-    match = [r for r in bench["results"] if r["kept_tokens"] == op_doc["budget"] and r["batch"] == op_doc["batch"]]
+    match = [r for r in bench["results"] if r["kept_tokens"] == op_doc["budget"] and r["batch"] == op_doc["batch"]
+             and r["method"] == "fsr"]  # a benchmark may hold other methods at the same budget
     if not match:
         return {"status": f"the benchmark has no row at budget {op_doc['budget']}, batch {op_doc['batch']}"}
     row = match[0]

@@ -29,7 +29,9 @@ def _pct(value) -> str:
 
 
 def _budget(row: dict) -> str:
-    return f"{row['kept_tokens']} (none)" if row["kept_tokens"] >= row["num_image_tokens"] else str(row["kept_tokens"])
+    if row["kept_tokens"] >= row["num_image_tokens"]:
+        return f"{row['kept_tokens']} (none)"
+    return f"{row['kept_tokens']} ({row['method']})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -39,7 +41,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def timing_table(doc: dict) -> str:
-    header = ["budget", "batch", "prefill len", "TTFT ms [IQR]", "text enc", "vision", "↳ tower", "↳ FSR op",
+    header = ["budget", "batch", "prefill len", "TTFT ms [IQR]", "text enc", "vision", "↳ tower", "↳ op",
               "embed", "prefill", "decode ms/tok", "KV cache MiB", "peak mem MiB"]
     rows = []
     for r in doc["results"]:
@@ -54,7 +56,7 @@ def timing_table(doc: dict) -> str:
 def speedup_table(doc: dict) -> str:
     header = ["budget", "batch", "prefill GFLOP", "prefill MB", "TTFT speedup meas / ideal (ratio)",
               "prefill speedup meas / ideal (ratio)", "decode speedup meas / ideal", "KV cache ÷",
-              "prefill ms meas / roofline", "FSR op share of TTFT"]
+              "prefill ms meas / roofline", "op share of TTFT"]
     rows = []
     for r in doc["results"]:
         s, a = r["speedup"], r["analytic"]
@@ -83,8 +85,9 @@ def device_line(doc: dict) -> str:
 def legend(doc: dict) -> str:
     kinds = sorted({row["peak_memory"]["kind"] for row in doc["results"]})
     return ("Times are medians (ms) over the measured runs, IQR in brackets; TTFT starts from preprocessed inputs. "
-            "text enc = instruction embedding for FSR's relevance; vision = the whole vision graph, measured in the "
-            "pipeline; ↳ tower / ↳ FSR op = the graph cut at the op and each side timed alone. Ideal = roofline "
+            "text enc = instruction embedding for a method's relevance (FSR); vision = the whole vision graph, measured "
+            "in the pipeline; ↳ tower / ↳ op = the graph cut at the pruning op (FSR, VisionZip) and each side timed "
+            "alone (the roofline's op term is FSR's count). Ideal = roofline "
             "max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with the measured peaks; ratio = measured / ideal "
             f"speedup. KV cache after prefill. Peak memory: {', '.join(kinds)}.")
 
@@ -102,25 +105,30 @@ def plot(doc: dict, path: Path) -> Path:
 
     rows = doc["results"]
     batches = sorted({r["batch"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["kept_tokens"] < r["num_image_tokens"]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, batch in enumerate(batches):
-        rs = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["kept_tokens"])
+    curves = [(batch, method) for batch in batches for method in methods or [None]]
+    for i, (batch, method) in enumerate(curves):  # one curve per batch and method, each from the baseline
+        rs = sorted((r for r in rows if r["batch"] == batch and (method is None or r["method"] == method
+                                                                  or r["kept_tokens"] >= r["num_image_tokens"])),
+                    key=lambda r: r["kept_tokens"])
         x = [r["kept_tokens"] for r in rs]
         c = colors[i % len(colors)]
-        left.plot(x, [r["speedup"]["ttft"]["measured"] for r in rs], "o-", color=c, label=f"TTFT measured, b={batch}")
+        tag = f"b={batch}" if len(methods) < 2 else f"{method}, b={batch}"
+        left.plot(x, [r["speedup"]["ttft"]["measured"] for r in rs], "o-", color=c, label=f"TTFT measured, {tag}")
         left.plot(x, [r["speedup"]["ttft"]["ideal"] for r in rs], "o--", color=c, alpha=0.6,
-                  label=f"TTFT ideal, b={batch}")
+                  label=f"TTFT ideal, {tag}")
         left.plot(x, [r["speedup"]["prefill"]["measured"] for r in rs], "s-", color=c, alpha=0.8, markersize=4,
-                  label=f"prefill measured, b={batch}")
+                  label=f"prefill measured, {tag}")
         left.plot(x, [r["speedup"]["prefill"]["ideal"] for r in rs], "s:", color=c, alpha=0.6, markersize=4,
-                  label=f"prefill ideal, b={batch}")
+                  label=f"prefill ideal, {tag}")
         med = [r["timings_ms"]["ttft"]["median"] for r in rs]
         err = [[m - r["timings_ms"]["ttft"]["q1"] for m, r in zip(med, rs)],
                [r["timings_ms"]["ttft"]["q3"] - m for m, r in zip(med, rs)]]
-        right.errorbar(x, med, yerr=err, fmt="o-", color=c, capsize=3, label=f"measured (IQR), b={batch}")
+        right.errorbar(x, med, yerr=err, fmt="o-", color=c, capsize=3, label=f"measured (IQR), {tag}")
         right.plot(x, [r["roofline"]["ttft_ms"] for r in rs], "o--", color=c, alpha=0.6,
-                   label=f"roofline ideal, b={batch}")
+                   label=f"roofline ideal, {tag}")
     for ax in (left, right):
         ax.set_xlabel("image tokens kept (budget)")
         ax.set_xscale("log", base=2)

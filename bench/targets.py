@@ -40,13 +40,13 @@ from fsr.manifest import FORMAT_VERSION, LLMDims, Manifest, ManifestError, Visio
 from fsr.models import ModelError, get_family, get_spec, load_model
 from fsr.models.spec import TORCH_DTYPES
 from fsr.onnx_io import save_onnx
-from fsr.pruning.methods import NoPruning, get_method
+from fsr.pruning.methods import NoPruning, get_method, method_names
 from fsr.runtime.onnxrt import OnnxRuntimeRunner
 from fsr.runtime.pipeline import Pipeline
 from fsr.runtime.torch_backend import TorchBackend
 
 BACKENDS = ("ort", "trt", "torch")
-#: the pruning method of the exports a preset benchmark makes
+#: the pruning method of the exports a preset benchmark makes (``methods=`` / ``--methods`` for others)
 PRESET_METHOD = "fsr"
 
 
@@ -226,29 +226,40 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
         raise BenchError("the export folders hold different models (source, dtype or LLM dims differ); "
                          "speedups are only meaningful between exports of one model: pass one model's exports")
     n_image = found[0][1].image.num_image_tokens
-    by_budget: dict[int, tuple[Path, Manifest]] = {}
+    # one target per (method, kept tokens): exports of several methods at one budget are measured side by side
+    by_key: dict[tuple[str, int], tuple[Path, Manifest]] = {}
     for d, m in found:
-        key = min(m.image.kept_image_tokens, n_image)
-        if key in by_budget and not get_method(by_budget[key][1].method.name).prunes \
+        method = get_method(m.method.name)
+        if m.image.kept_image_tokens >= n_image and not method.is_identity(
+                method.settings_from_json(m.method.settings), n_image):
+            raise BenchError(f"{d} ({method.describe(method.settings_from_json(m.method.settings), n_image)}) hands "
+                             f"the LLM {m.image.kept_image_tokens} image tokens, no fewer than the unpruned model's "
+                             f"{n_image}: there is no speedup to measure; export it with a budget below {n_image}")
+        key = (_method_label(m), min(m.image.kept_image_tokens, n_image))
+        if key in by_key and not get_method(by_key[key][1].method.name).prunes \
                 and get_method(m.method.name).prunes:
             continue  # an identity pruning export and the unpruned one: keep the unpruned one
-        by_budget[key] = (d, m)
-    if n_image not in by_budget:
+        if key in by_key and get_method(m.method.name).prunes:
+            raise BenchError(f"two exports of method {key[0]} at budget {key[1]} ({by_key[key][0]}, {d}); pass one")
+        by_key[key] = (d, m)
+    baseline = (NoPruning.name, n_image)
+    if baseline not in by_key:
         family = found[0][1].family
         raise BenchError("no unpruned export among the folders: speedups are measured against the unpruned export "
                          f"of the same model; make one with `fsr-export {family} --method none --model ...` and pass "
                          "it too")
-    wanted = sorted(by_budget, reverse=True) if budgets is None else _normalise_budgets(budgets, n_image)
-    missing = [b for b in wanted if b not in by_budget]
+    held = sorted({k for _, k in by_key}, reverse=True)
+    wanted = held if budgets is None else _normalise_budgets(budgets, n_image)
+    missing = [b for b in wanted if b not in held]
     if missing:
-        raise BenchError(f"no export for budget(s) {missing} among the folders "
-                         f"(they hold {sorted(by_budget, reverse=True)})")
-    d0, m0 = by_budget[n_image]
+        raise BenchError(f"no export for budget(s) {missing} among the folders (they hold {held})")
+    d0, m0 = by_key[baseline]
     info = ModelInfo.from_manifest(m0, m0.model.source or str(d0))
+    keys = [baseline] + sorted((k for k in by_key if k != baseline and k[1] in wanted), key=lambda k: (-k[1], k[0]))
     specs = []
-    for b in wanted:
-        d, m = by_budget[b]
-        specs.append(TargetSpec(_method_label(m), _budget(m), b, n_image, d,
+    for key in keys:
+        d, m = by_key[key]
+        specs.append(TargetSpec(_method_label(m), _budget(m), key[1], n_image, d,
                                 _opener(open_export, d, backend, workdir, device=device, method_form=method_form,
                                         backend_options=backend_options),
                                 {"path": str(d), "given": True}))
@@ -315,12 +326,12 @@ def other_cache_keys(cache_dir: Path, key: str | None = None) -> list[Path]:
 
 
 def export_folder(cache_dir: Path, family: str, preset: str, dtype: str, seed: int, budget: int | None,
-                  key: str | None = None) -> Path:
-    tag = "none" if budget is None else f"{PRESET_METHOD}-b{budget}"
+                  method: str = PRESET_METHOD, key: str | None = None) -> Path:
+    tag = "none" if budget is None else f"{method}-b{budget}"
     return cache_root(cache_dir, key) / f"{family}-{preset}-{dtype}-seed{seed}" / tag
 
 
-def _cached(folder: Path, preset: str, dtype: str, budget: int | None) -> bool:
+def _cached(folder: Path, preset: str, dtype: str, budget: int | None, method_name: str = PRESET_METHOD) -> bool:
     try:
         m = read_manifest(folder)
     except ManifestError:
@@ -329,7 +340,24 @@ def _cached(folder: Path, preset: str, dtype: str, budget: int | None) -> bool:
     same_budget = budget is None if not method.prunes else \
         method.budget(method.settings_from_json(m.method.settings)) == budget
     return m.model.preset == preset and m.dtype == dtype and same_budget and \
-        (method.name == PRESET_METHOD or budget is None)
+        (method.name == method_name or budget is None)
+
+
+def check_methods(methods) -> tuple[str, ...]:
+    """The pruning methods a preset benchmark exports (each must have an in-graph form and prune)."""
+    methods = tuple(dict.fromkeys(methods or (PRESET_METHOD,)))
+    usable = method_names(exportable=True, prunes=True)
+    wrong = [m for m in methods if m not in usable]
+    if wrong:
+        raise BenchError(f"cannot benchmark method(s) {wrong}: a preset benchmark exports pruning methods with an "
+                         f"in-graph form ({', '.join(usable)}); the unpruned baseline is always measured")
+    return methods
+
+
+def _runs(budgets: list[int], n_image: int, methods: tuple[str, ...]) -> list[tuple[int, str | None]]:
+    """(kept tokens, method) per target: the unpruned baseline (method None) first, then every method per budget."""
+    normal = _normalise_budgets(budgets, n_image)
+    return [(n_image, None)] + [(b, m) for b in normal[1:] for m in methods]
 
 
 def check_export_memory(family: str, preset: str, dtype: str, factor: float = 3.0) -> None:
@@ -356,13 +384,16 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 
 def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, family: str = "llava",
                           dtype: str = "fp32", seed: int = 0, force: bool = False,
-                          progress: Callable[[str], None] = lambda s: None, exporter=None, loader=None) -> list[dict]:
-    """Export the unpruned model and one pruned export per budget < N into ``cache_dir`` (reused when there).
+                          progress: Callable[[str], None] = lambda s: None, exporter=None, loader=None,
+                          methods: tuple[str, ...] = (PRESET_METHOD,)) -> list[dict]:
+    """Export the unpruned model and one pruned export per budget < N and method into ``cache_dir`` (reused
+    when there).
 
-    Returns one record per budget (baseline first): ``{budget, method, path, reused, seconds}``.
+    Returns one record per export (baseline first): ``{budget, method, path, reused, seconds}``.
     ``exporter(loaded, output, settings, force=...)`` and ``loader(preset, dtype, seed)`` default to
     `fsr.export.export_model` and `fsr.models.load_model`.
     """
+    methods = check_methods(methods)
     if exporter is None:
         check_export_memory(family, preset, dtype)
     exporter = exporter or export_model
@@ -373,13 +404,13 @@ def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, f
     loaded = None
     records = []
     key = export_cache_key()
-    for b in _normalise_budgets(budgets, n_image):
-        budget = None if b == n_image else b
-        folder = export_folder(cache_dir, family, preset, dtype, seed, budget, key)
-        settings = (ExportSettings("none", dtype=dtype) if budget is None
-                    else ExportSettings(PRESET_METHOD, dtype=dtype, budget=budget))
+    for b, name in _runs(budgets, n_image, methods):
+        budget = None if name is None else b
+        folder = export_folder(cache_dir, family, preset, dtype, seed, budget, name or PRESET_METHOD, key)
+        settings = (ExportSettings(NoPruning.name, dtype=dtype) if name is None
+                    else ExportSettings(name, dtype=dtype, budget=budget))
         record = {"budget": b, "method": settings.method, "path": str(folder)}
-        if not force and _cached(folder, preset, dtype, budget):
+        if not force and _cached(folder, preset, dtype, budget, settings.method):
             records.append({**record, "reused": True, "seconds": 0.0})
             continue
         if loaded is None:
@@ -395,18 +426,22 @@ def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, f
 def targets_from_preset(preset: str, budgets: list[int], backend: str, workdir: Path, *, cache_dir: Path,
                         family: str = "llava", dtype: str | None = None, device: str | None = None, seed: int = 0,
                         force: bool = False, method_form: str = "fixed",
-                        progress: Callable[[str], None] = lambda s: None, backend_options: dict | None = None):
-    """Specs (baseline first), the model's info, and the export records for a preset."""
+                        progress: Callable[[str], None] = lambda s: None, backend_options: dict | None = None,
+                        methods: tuple[str, ...] = (PRESET_METHOD,)):
+    """Specs (baseline first), the model's info, and the export records for a preset (every pruning method
+    of ``methods`` at every budget)."""
     get_family(family)
+    methods = check_methods(methods)
     if backend != "torch":
         dtype = dtype or "fp32"
         records = ensure_preset_exports(preset, budgets, cache_dir, family=family, dtype=dtype, seed=seed,
-                                        force=force, progress=progress)
+                                        force=force, progress=progress, methods=methods)
         specs, info = targets_from_exports([Path(r["path"]) for r in records], backend,
-                                           [r["budget"] for r in records], workdir, device=device,
+                                           sorted({r["budget"] for r in records}), workdir, device=device,
                                            method_form=method_form, backend_options=backend_options)
-        for spec, record in zip(specs, records):
-            spec.export = record
+        by_path = {r["path"]: r for r in records}
+        for spec in specs:
+            spec.export = by_path[str(spec.export_dir)]
         return specs, info, records
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -423,9 +458,9 @@ def targets_from_preset(preset: str, budgets: list[int], backend: str, workdir: 
     n_image = get_spec(family).num_image_tokens(loaded.config)
     info = None
     specs, records = [], []
-    for b in _normalise_budgets(budgets, n_image):
-        settings = (ExportSettings("none", dtype=dtype) if b == n_image
-                    else ExportSettings(PRESET_METHOD, dtype=dtype, budget=b))
+    for b, name in _runs(budgets, n_image, methods):
+        settings = (ExportSettings(NoPruning.name, dtype=dtype) if name is None
+                    else ExportSettings(name, dtype=dtype, budget=b))
         manifest = describe(loaded, settings)
         info = info or ModelInfo.from_manifest(manifest, f"preset:{preset}")
         record = {"budget": b, "method": settings.method, "path": None, "reused": False,

@@ -26,8 +26,10 @@ Methods are the registry's pruning methods with a readable reference
 (`fsr.pruning.methods`: FSR and the training-free baselines ``saliency-topk``,
 ``uniform``, ``random``): the export's own method runs with the manifest's settings, the
 others with their defaults, each at every budget (`PruningMethod.with_budget`). The
-vision tower runs once per sample for the union of the inputs the methods read. A budget
->= N is every method's identity, so it must agree 100% with KL exactly 0.
+vision tower runs once per sample for the union of the inputs the methods read. A row is
+flagged ``identity`` where the method says the LLM then sees exactly the unpruned image
+tokens (`PruningMethod.is_identity`: a budget >= N for most; never for VisionZip, which
+always hands the [CLS] token on); such a row must agree 100% with KL exactly 0.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class FidelityRow:
     method: str
     budget: int
     kept_tokens: int
+    identity: bool
     samples: int
     steps: int
     first_token_agreement: float
@@ -136,8 +139,9 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
     out_rows = []
     for (method, budget), items in per.items():
         steps = sum(i["steps"] for i in items)
+        identity = chosen[method].is_identity(chosen[method].with_budget(settings[method], budget), num_tokens)
         out_rows.append(FidelityRow(
-            method, budget, items[0]["kept_tokens"], len(items), steps,
+            method, budget, items[0]["kept_tokens"], identity, len(items), steps,
             first_token_agreement=float(np.mean([i["first_token_agrees"] for i in items])),
             top1_agreement=sum(i["top1_matches"] for i in items) / steps,
             kl_mean=sum(i["kl_sum"] for i in items) / steps,

@@ -1,4 +1,5 @@
-"""Is a differing FSR ``kept_indices`` row a near-tie, or a real mismatch?
+"""Is a differing ``kept_indices`` row a near-tie, or a real mismatch? (FSR below; VisionZip's
+analysis is at the end: its kept rows follow from one top-k of the [CLS] attention.)
 
 FocusScanRefine makes discrete choices (a sort, a threshold, a greedy argmax). Two
 back ends whose inputs differ in the last bits can take a different branch wherever
@@ -147,5 +148,26 @@ def _focus_scan_refine(pipe, manifest: Manifest, feed: dict, reference_kept, oth
             for b in rows]
 
 
+def _visionzip(pipe, manifest: Manifest, feed: dict, reference_kept, other_kept, tol: float,
+               rows: list[int]) -> list[TieVerdict]:
+    """VisionZip: its kept rows follow from the dominant set, the top of the reference's [CLS]
+    attention (recomputed from ``feed`` with the reference's tower); see `explain_visionzip_kept`."""
+    from fsr.pruning.visionzip import explain_visionzip_kept
+
+    method = get_method(manifest.method.name)
+    settings = method.settings_from_json(manifest.method.settings)
+    split = method.reference_settings(settings)
+    tower = pipe.tower(("cls_attention",), manifest.relevance.source)
+    with torch.no_grad():
+        args = [torch.from_numpy(np.ascontiguousarray(feed[n])).float() for n in tower.input_names]
+        attention = tower(*args)
+    verdicts = []
+    for b in rows:
+        v = explain_visionzip_kept(attention[b], reference_kept[b], other_kept[b], tol=tol, **split)
+        verdicts.append(TieVerdict(b, v["near_tie"], v["stage"], None, v["reference_token"], v["other_token"],
+                                   v["gap"], v["detail"]))
+    return verdicts
+
+
 #: ``PruningMethod.near_tie_analysis`` -> how a differing kept set of that method is explained.
-ANALYSES = {"focus-scan-refine": _focus_scan_refine}
+ANALYSES = {"focus-scan-refine": _focus_scan_refine, "visionzip": _visionzip}

@@ -13,11 +13,11 @@ Three parts, each optional:
 ``passed`` is False when any graph output is outside its tolerance (near-ties of the
 method's ``kept_indices`` excepted), when a comparison could not run on a back end that is
 available, when a generated sequence differs from the reference other than at a
-near-tie, or when the identity budget (>= N image tokens) does not reproduce the
-unpruned model exactly. Skipped comparisons (TensorRT without a GPU) do not fail, and
-the report lists them (``skipped``); when every back end asked for is skipped, nothing
-would be compared and `compare_export` refuses before running (`CompareError`), as it
-does when every part is switched off.
+near-tie, or when a fidelity row the method calls its identity (a budget >= N image tokens,
+`PruningMethod.is_identity`) does not reproduce the unpruned model exactly. Skipped
+comparisons (TensorRT without a GPU) do not fail, and the report lists them (``skipped``);
+when every back end asked for is skipped, nothing would be compared and `compare_export`
+refuses before running (`CompareError`), as it does when every part is switched off.
 
 Polygraphy's input/output files go to ``out_dir``, by default ``EXPORT/compare/`` (beside
 ``EXPORT/engines/``), never into the working folder.
@@ -275,7 +275,7 @@ def _failures(graph_results, e2e, fidelity) -> list[str]:
     if fidelity:
         n = fidelity["num_image_tokens"]
         for row in fidelity["rows"]:
-            if row["budget"] >= n and (row["top1_agreement"] < 1.0 or row["kl_mean"] > 0.0):
+            if row["identity"] and (row["top1_agreement"] < 1.0 or row["kl_mean"] > 0.0):
                 out.append(f"fidelity: {row['method']} at budget {row['budget']} >= {n} tokens should be the identity "
                            f"but agrees {row['top1_agreement']:.1%} (KL {row['kl_mean']:.3g})")
     return out

@@ -121,11 +121,11 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
 
     libraries: tuple[Path, ...] = ()
     if settings.plugin:
-        if not trt.has_plugin_support:
-            raise PluginError(plugin_unsupported_message(trt))
-        if not method.tensorrt_plugin:
+        if not method.tensorrt_plugin:  # first: true whatever the TensorRT flavour
             raise PluginError(f"--plugin needs an export whose pruning op has a TensorRT plugin (this one has "
                               f"method {method.name!r}); build without --plugin")
+        if not trt.has_plugin_support:
+            raise PluginError(plugin_unsupported_message(trt))
         libraries = (find_plugin_library(settings.plugin_library),)
     plugin_graph = write_plugin_graph(export_dir, manifest) if method.tensorrt_plugin else None
     if settings.plugin and plugin_graph is None:

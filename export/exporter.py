@@ -126,7 +126,8 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
     manifest = Manifest(
         family=spec.name,
         model=ModelInfo(loaded.source, loaded.path, loaded.preset, config.model_type, loaded.random_weights),
-        method=MethodInfo(method.name, settings.method_settings.to_json()),
+        method=MethodInfo(method.name, settings.method_settings.to_json(),
+                          method.manifest_details(settings.method_settings)),
         dtype=settings.dtype,
         llm=llm,
         vision=vision,

@@ -162,10 +162,13 @@ class ImageInfo:
 
 @dataclasses.dataclass
 class MethodInfo:
-    """The pruning method (a name of `fsr.pruning.methods`) and its settings' JSON form."""
+    """The pruning method (a name of `fsr.pruning.methods`) and its settings' JSON form;
+    ``details``: what the method records about itself for readers (op, placement, what
+    ``kept_indices`` hold, derived attributes); the runtime rebuilds everything from ``settings``."""
 
     name: str
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

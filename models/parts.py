@@ -4,8 +4,9 @@ Each becomes (part of) an exported graph; the runtime's PyTorch back end and the
 comparisons' reference run the very same modules:
 
 - `VisionTower`: pixels (+ instruction embedding) -> named outputs a pruning method reads
-  (``tokens``, ``features``, ``saliency``, ``relevance``; see ``VISION_OUTPUTS``), for a
-  CLIP-style tower with a [CLS] token and a projector;
+  (``tokens``, ``features``, ``saliency``, ``relevance``, ``hidden_states``,
+  ``cls_attention``, ``keys``; see ``VISION_OUTPUTS``), for a CLIP-style tower with a [CLS]
+  token and a projector;
 - `VisionWithMethod`: the tower, a method's op, and the projector when the op runs before it;
 - `TokenEmbedding`, `ClipTextEncoder`;
 - `DecoderStep`: a contiguous range of decoder layers for one prefill or decode step
@@ -18,12 +19,20 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from fsr.pruning.visionzip import clip_layer_visionzip_inputs
+
 #: Named vision-tower outputs a family can provide to a pruning method (per crop row):
 #: ``tokens`` [B,N,H] projector outputs; ``features`` [B,N,F] the patch features that feed
 #: the projector; ``saliency`` [B,N] the [CLS]-row attention of the feature layer, mean over
 #: heads, patch columns; ``relevance`` [B,N] cosine with the instruction embedding
-#: (``instruction_embeds`` [B,E], an extra graph input).
-VISION_OUTPUTS = ("tokens", "features", "saliency", "relevance")
+#: (``instruction_embeds`` [B,E], an extra graph input); and the feature layer seen with its
+#: [CLS] token (VisionZip), ``T = 1 + N`` rows, row 0 = [CLS]: ``hidden_states`` [B,T,F] the
+#: layer's output (``features`` = its rows 1..N), ``cls_attention`` [B,T] float32 the [CLS]
+#: query's softmax attention in that layer summed over heads (every column), ``keys``
+#: [B,T,head_dim] float32 that layer's keys (with bias), mean over heads.
+VISION_OUTPUTS = ("tokens", "features", "saliency", "relevance", "hidden_states", "cls_attention", "keys")
+#: the outputs read from the feature layer with its [CLS] row (`clip_layer_visionzip_inputs`)
+LAYER_OUTPUTS = ("hidden_states", "cls_attention", "keys")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,13 +90,17 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, instruction_embeds: torch.Tensor | None = None):
         h = self.pre_layrnorm(self.embeddings(pixel_values))
-        saliency = None
+        out = {}
         for i, layer in enumerate(self.layers):
             if i == self.layer_index and "saliency" in self.outputs:
-                saliency = self.cls_saliency(layer, h)
-            h = layer(h, None)
+                out["saliency"] = self.cls_saliency(layer, h)
+            if i == self.layer_index and any(o in self.outputs for o in LAYER_OUTPUTS):
+                out.update(zip(LAYER_OUTPUTS, clip_layer_visionzip_inputs(layer, h)))
+                h = out["hidden_states"]  # the layer's own output: the same as layer(h)
+            else:
+                h = layer(h, None)
         features = h[:, 1:]
-        out = {"features": features, "saliency": saliency}
+        out["features"] = features
         if "tokens" in self.outputs or ("relevance" in self.outputs and not self.use_clip):
             out["tokens"] = self.projector(features)
         if "relevance" in self.outputs:

@@ -48,7 +48,7 @@ from fsr.settings import Settings, SettingsError, setting
 
 AFTER_PROJECTOR, BEFORE_PROJECTOR = "after_projector", "before_projector"
 #: Modules that define the built-in methods (imported on the first registry lookup).
-BUILTIN_MODULES = ("fsr.pruning.fsr_method", "fsr.pruning.baseline_methods")
+BUILTIN_MODULES = ("fsr.pruning.fsr_method", "fsr.pruning.visionzip_method", "fsr.pruning.baseline_methods")
 
 
 class MethodError(FsrError, ValueError):
@@ -88,6 +88,8 @@ class PruningMethod:
     onnx_op: ClassVar[tuple[str, str] | None] = None  # (domain, op_type) of its node in the vision graph
     tensorrt_plugin: ClassVar[bool] = False
     near_tie_analysis: ClassVar[str | None] = None
+    #: what a row of the vision graph's ``kept_indices`` holds (the manifest records it)
+    kept_indices_meaning: ClassVar[str] = "patch indices (0-based, raster order), ascending"
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -132,8 +134,10 @@ class PruningMethod:
                                                   if self.is_identity(settings, num_tokens) else "")
 
     def is_identity(self, settings: Settings, num_tokens: int) -> bool:
-        """True when these settings keep every one of ``num_tokens`` image tokens (a method
-        whose budget means something else overrides this)."""
+        """True when a pruning method's settings give the LLM exactly the unpruned model's
+        ``num_tokens`` image tokens (by default: a budget >= N; a method whose output differs
+        from the unpruned tokens at every budget, as VisionZip's, overrides this). Fidelity
+        checks that such a row agrees exactly; ``none`` is not a pruning method: False."""
         return self.prunes and self.kept_tokens(settings, num_tokens) >= num_tokens
 
     def identity_note(self, settings: Settings, num_tokens: int) -> str | None:
@@ -145,6 +149,23 @@ class PruningMethod:
             f"{num_tokens}"
         return (f"{what} image tokens of this model: {self.name} keeps every token (the identity), so the export "
                 f"computes what the unpruned model does; choose a budget below {num_tokens} to prune")
+
+    def manifest_details(self, settings: Settings) -> dict[str, Any]:
+        """What the export's manifest records about the method beside its settings (``method.details``)."""
+        if not self.prunes:
+            return {}
+        details: dict[str, Any] = {"prunes_in": self.prunes_in, "placement": self.placement}
+        if self.onnx_op is not None:
+            details["op"] = "::".join(self.onnx_op)
+        if self.prunes_in == "vision":
+            details["kept_indices"] = self.kept_indices_meaning
+        return details
+
+    def kept_patches(self, settings: Settings, kept) -> dict[str, list[int]]:
+        """One row of ``kept_indices`` read as patch indices (0-based, raster order): ``patches`` the
+        LLM sees as they are (or refined), ``anchors`` standing for merged groups, ``cls`` the [CLS]
+        token when it is kept."""
+        return {"cls": [], "patches": [int(i) for i in kept], "anchors": []}
 
     # -- the vision graph ------------------------------------------------------------------
 

@@ -255,6 +255,66 @@ def _visionzip_row(hidden, attention, keys, dominant, contextual):
     return torch.stack(out), dominant_set + anchors, (dominant_set, anchors, groups)
 
 
+def visionzip_anchors(dominant_set, num_tokens: int, contextual: int) -> list[int]:
+    """The anchor rows that follow from a dominant set (``[CLS]`` included) for ``T = num_tokens``."""
+    taken = set(dominant_set)
+    rest = [j for j in range(num_tokens) if j not in taken]
+    step = max(1, len(rest) // contextual)
+    return [rest[p] for p in range(0, len(rest), step)][:contextual]
+
+
+def explain_visionzip_kept(cls_attention, reference_kept, other_kept, *, dominant: int, contextual: int,
+                           tol: float) -> dict:
+    """Why another back end's ``kept_indices`` row differs from the reference's: a near-tie or not.
+
+    VisionZip's kept rows depend on one decision only, the dominant set (the ``dominant - 1``
+    highest ``cls_attention`` patches); the anchors follow from it. So a differing row is a
+    **near-tie** when both rows are well-formed (slot 0 = [CLS], the other's anchors are the
+    ones its own dominant set implies) and every patch one row took and the other did not
+    scores within ``tol`` (relative to the highest patch score) of the reference's
+    ``(dominant-1)``-th score, the boundary of the top-k; anything else is a mismatch.
+    ``cls_attention`` is the reference's row ``[T]``. Returns ``{near_tie, stage,
+    reference_token, other_token, gap, detail}`` (tokens as layer rows, patch = row - 1).
+    """
+    ref, other = [int(i) for i in reference_kept], [int(i) for i in other_kept]
+    result = {"near_tie": False, "stage": "size", "reference_token": None, "other_token": None, "gap": None}
+    if ref == other:
+        return {**result, "near_tie": True, "stage": "equal", "detail": "same kept rows"}
+    scores = torch.as_tensor(cls_attention).to(torch.float32)
+    num_tokens = int(scores.shape[0])
+    k = min(dominant + contextual, num_tokens)
+    if len(other) != k or len(set(other)) != k or any(not 0 <= i < num_tokens for i in other):
+        return {**result, "detail": f"expected {k} distinct rows in [0, {num_tokens}), got {other}"}
+    if k == num_tokens:
+        return {**result, "stage": "identity", "detail": "the budget covers every row: the op is the identity "
+                                                         "(rows 0..T-1), and the other back end kept others"}
+    if other[0] != 0:
+        return {**result, "stage": "cls", "detail": f"slot 0 must be the [CLS] row 0, got {other[0]}"}
+    ref_dominant, other_dominant = set(ref[1:dominant]), set(other[1:dominant])
+    if other[dominant:] != visionzip_anchors(other[:dominant], num_tokens, contextual):
+        return {**result, "stage": "anchors", "detail": "the other back end's anchors do not follow from its own "
+                                                        "dominant set"}
+    if ref_dominant == other_dominant:
+        return {**result, "stage": "order", "detail": "same dominant set, but the rows differ in order"}
+    patch_scores = scores[1:]
+    boundary = float(torch.topk(patch_scores, dominant - 1).values.min())
+    scale = float(patch_scores.max()) or 1.0
+    swapped = sorted((ref_dominant - other_dominant) | (other_dominant - ref_dominant))
+    gaps = {j: abs(float(scores[j]) - boundary) / scale for j in swapped}
+    worst = max(swapped, key=gaps.__getitem__)
+    missing = min(ref_dominant - other_dominant, key=lambda j: float(scores[j]))
+    extra = max(other_dominant - ref_dominant, key=lambda j: float(scores[j]))
+    gap = gaps[worst]
+    result.update(stage="dominant", reference_token=missing, other_token=extra, gap=gap)
+    if gap <= tol:
+        return {**result, "near_tie": True,
+                "detail": f"dominant set: rows {missing} vs {extra} (of {len(swapped)} swapped) all score within "
+                          f"{gap:.3g} <= {tol:g} of the top-{dominant - 1} boundary"}
+    return {**result, "detail": f"dominant set: row {worst} scores {gap:.3g} away from the top-{dominant - 1} "
+                                f"boundary (tolerance {tol:g}); the other back end took rows {sorted(other_dominant - ref_dominant)} "
+                                f"instead of {sorted(ref_dominant - other_dominant)}"}
+
+
 # --------------------------------------------------------------------------- fixed module
 
 

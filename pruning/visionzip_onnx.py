@@ -31,6 +31,7 @@ TopK ``k <= 3840`` (``dominant - 1`` and ``K``).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TypeVar
 
 import onnx
@@ -72,7 +73,22 @@ _TORCH_TO_ONNX = {
 }
 
 
-@script(_FSR, default_opset=op)
+def _script(*args, **kwargs):
+    """onnxscript's ``script`` without its warnings about the TypeVar annotations: they are there for
+    readers and torch.onnx, and the FunctionProto deliberately declares no types (any float input),
+    so the warnings (printed at import, e.g. in the middle of ``fsr-export``) say nothing useful."""
+    def wrap(fn):
+        logger = logging.getLogger("onnxscript")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            return script(*args, **kwargs)(fn)
+        finally:
+            logger.setLevel(level)
+    return wrap
+
+
+@_script(_FSR, default_opset=op)
 def VisionZip(
     hidden_states: THidden, cls_attention: TAttention, keys: TKeys, dominant: int, contextual: int
 ) -> tuple[THidden, INT64]:
@@ -305,6 +321,49 @@ def add_visionzip_function(model: onnx.ModelProto) -> int:
         raise VisionZipError(f"the model's default opset is {imports[''].version}; the VisionZip body needs {BODY_OPSET}")
     check_visionzip_nodes(model)
     return count
+
+
+def splice_visionzip(graph, *, dominant: int, contextual: int,
+                     outputs: tuple[str, str] = ("visionzip_tokens", "kept_indices")):
+    """The method's graph pass: consume a traced vision graph's outputs ``hidden_states``,
+    ``cls_attention`` and ``keys`` (onnx-graphsurgeon ``Graph``) with one ``fsr.VisionZip`` node
+    carrying ``dominant`` / ``contextual``, whose two outputs become the graph's only outputs::
+
+        pixel_values ─► [tower] ─► hidden_states, cls_attention, keys ─► VisionZip ─► tokens, kept_indices
+
+    The node's inputs are the tower's output tensors themselves (their names kept), and the
+    graph gets the function body and the ``fsr`` opset import. ``tokens`` is ``[batch, K, C]``
+    with ``K = min(dominant + contextual, T)`` (static when ``T`` is).
+    """
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    attributes = visionzip_node_attributes(dominant=dominant, contextual=contextual)
+    by_name = {t.name: t for t in graph.outputs}
+    missing = [n for n in VISIONZIP_INPUTS if n not in by_name]
+    if missing:
+        raise VisionZipError(f"cannot splice fsr.VisionZip: graph {graph.name!r} lacks output(s) {missing}; the "
+                             "vision tower must provide them (fsr.models.parts.VISION_OUTPUTS)")
+    hidden, attention, keys = (by_name[n] for n in VISIONZIP_INPUTS)
+    batch, num_tokens, width = hidden.shape
+    kept = min(dominant + contextual, num_tokens) if isinstance(num_tokens, int) else "kept_tokens"
+    tokens = gs.Variable(outputs[0], dtype=hidden.dtype, shape=[batch, kept, width])
+    indices = gs.Variable(outputs[1], dtype=np.int64, shape=[batch, kept])
+    graph.nodes.append(gs.Node(op=VISIONZIP_OP, domain=VISIONZIP_DOMAIN, name="VisionZip_0", attrs=attributes,
+                               inputs=[hidden, attention, keys], outputs=[tokens, indices]))
+    function, opsets = visionzip_function()
+    graph.functions.append(gs.import_onnx(helper.make_model(
+        helper.make_graph([], "holder", [], []), opset_imports=opsets, functions=[function])).functions[0])
+    have = {d.domain: d for d in graph.import_domains or []}
+    for opset in opsets:
+        if opset.domain not in have:
+            graph.import_domains = [*(graph.import_domains or []), opset]
+        elif have[opset.domain].version != opset.version:
+            raise VisionZipError(f"the vision graph imports domain {opset.domain!r} version "
+                                 f"{have[opset.domain].version}; the VisionZip body needs {opset.version}")
+    graph.outputs = [tokens, indices]
+    graph.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)  # keep the op's signature whole
+    return graph
 
 
 def onnx_dtype(dtype: torch.dtype) -> int:

@@ -32,6 +32,11 @@ def export_fsr64(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def export_vz64(tmp_path_factory):
+    return _export(tmp_path_factory, "vz64", method="visionzip", budget=64)
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """Three PNGs with different sizes and content (structured, so saliency is not flat)."""
     folder = tmp_path_factory.mktemp("images")

@@ -305,13 +305,17 @@ def fidelity_cli(export_dir, *args):
 
 def test_fidelity_lists_every_method(export_fsr64, tmp_path):
     """fsr-compare's fidelity report (JSON and table) on the tiny export: a row per method and budget;
-    budget 576 is every method's identity (100%, KL 0)."""
+    budget 576 is the identity (100%, KL 0) of every method but VisionZip (which hands [CLS] on)."""
+    from fsr.compare.fidelity import available_methods
+
+    methods = list(available_methods())
+    assert set(methods) == set(PRUNING_METHODS) | {"visionzip"}
     report_path = tmp_path / "report.json"
     result = fidelity_cli(export_fsr64, "--budgets", "576,64", "--builtin-samples", "2", "--max-new-tokens", "6",
                           "--json", report_path)
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     fidelity = json.loads(report_path.read_text())["fidelity"]
-    assert fidelity["methods"] == list(PRUNING_METHODS)
+    assert fidelity["methods"] == methods
     from fsr.manifest import read_manifest
 
     fsr_settings = {k: v for k, v in read_manifest(export_fsr64).method.settings.items() if k != "budget"}
@@ -319,18 +323,19 @@ def test_fidelity_lists_every_method(export_fsr64, tmp_path):
     assert fidelity["method_settings"]["random"] == {"seed": 0}  # the baselines' defaults
     assert all(fidelity["method_settings"][m] == {} for m in BASELINES if m != "random")
     rows = {(r["method"], r["budget"]): r for r in fidelity["rows"]}
-    assert sorted(rows) == sorted((m, b) for m in PRUNING_METHODS for b in (576, 64))
+    assert sorted(rows) == sorted((m, b) for m in methods for b in (576, 64))
     for (method, budget), row in rows.items():
         assert row["kept_tokens"] == budget and row["samples"] == 2 and len(row["per_sample"]) == 2
-        if budget == 576:
+        assert row["identity"] == (budget == 576 and method != "visionzip"), method
+        if row["identity"]:
             assert row["first_token_agreement"] == 1.0 and row["top1_agreement"] == 1.0, method
             assert row["kl_mean"] == 0.0 and row["kl_max"] == 0.0, method
         else:
-            assert row["kl_mean"] > 0.0, method  # pruning changes the distribution
+            assert row["kl_mean"] > 0.0, method  # pruning (or VisionZip's [CLS]) changes the distribution
     # The methods keep different token sets at budget 64, so they are really different rows.
-    assert len({rows[(m, 64)]["kl_mean"] for m in PRUNING_METHODS}) == len(PRUNING_METHODS)
+    assert len({rows[(m, 64)]["kl_mean"] for m in methods}) == len(methods)
     table = result.output[result.output.index("Pruning fidelity"):]
-    for method in PRUNING_METHODS:
+    for method in methods:
         assert method in table
 
 

@@ -121,12 +121,14 @@ def test_split_vision_graph_reproduces_it(export_fsr64):
 
 
 @pytest.fixture(scope="module")
-def bench_run(export_none, export_fsr64, tmp_path_factory):
-    """One fsr-bench run over the tiny exports (pruned one first: the baseline must still be the unpruned)."""
+def bench_run(export_none, export_fsr64, export_vz64, tmp_path_factory):
+    """One fsr-bench run over the tiny exports (pruned ones first: the baseline must still be the unpruned;
+    FSR and VisionZip at the same budget side by side)."""
     from fsr.bench.cli import main
 
     out = tmp_path_factory.mktemp("bench")
-    args = [str(export_fsr64), str(export_none), "--batch", "1,2", *FAST, "--json", str(out / "bench.json"),
+    args = [str(export_vz64), str(export_fsr64), str(export_none), "--batch", "1,2", *FAST,
+            "--json", str(out / "bench.json"),
             "--plot", str(out / "bench.png"), "--markdown", str(out / "bench.md"), "--cache-dir", str(out / "cache")]
     assert main(args) == 0
     return json.loads((out / "bench.json").read_text()), out
@@ -139,7 +141,7 @@ def test_json_has_every_field(bench_run):
     assert doc["schema"] == "fsr-bench/1" and doc["backend"] == "ort"
     for field in ("peak_flops", "peak_bandwidth", "device", "dtype", "method"):
         assert doc["device_peak"][field], field
-    assert len(doc["results"]) == 4  # 2 budgets x 2 batch sizes
+    assert len(doc["results"]) == 6  # (unpruned, fsr 64, visionzip 64) x 2 batch sizes
     for row in doc["results"]:
         for field in ROW_FIELDS:
             assert field in row, field
@@ -155,11 +157,12 @@ def test_json_has_every_field(bench_run):
             assert set(row["speedup"][part]) == {"measured", "ideal", "ratio"}
 
 
-def test_speedups_are_against_the_unpruned_export(bench_run, export_none, export_fsr64):
+def test_speedups_are_against_the_unpruned_export(bench_run, export_none, export_fsr64, export_vz64):
     doc, _ = bench_run
     rows = doc["results"]
-    assert [(r["method"], r["kept_tokens"]) for r in rows] == [("none", 576), ("none", 576), ("fsr", 64), ("fsr", 64)]
-    assert doc["exports"][0]["path"] == str(export_none) and doc["exports"][1]["path"] == str(export_fsr64)
+    assert [(r["method"], r["kept_tokens"]) for r in rows] == [("none", 576), ("none", 576), ("fsr", 64), ("fsr", 64),
+                                                               ("visionzip", 64), ("visionzip", 64)]
+    assert [e["path"] for e in doc["exports"]] == [str(export_none), str(export_fsr64), str(export_vz64)]
     for row in rows:
         base = next(r for r in rows if r["method"] == "none" and r["batch"] == row["batch"])
         assert row["baseline"]["export"] == str(export_none)
@@ -168,9 +171,11 @@ def test_speedups_are_against_the_unpruned_export(bench_run, export_none, export
         ideal = base["roofline"]["prefill_ms"] / row["roofline"]["prefill_ms"]
         assert row["speedup"]["prefill"]["ideal"] == pytest.approx(ideal)
         assert row["kv_cache_reduction"] == pytest.approx(base["kv_cache_bytes"] / row["kv_cache_bytes"])
-    base, pruned = rows[0], rows[2]
+    base, pruned, zipped = rows[0], rows[2], rows[4]
     assert base["speedup"]["ttft"] == {"measured": 1.0, "ideal": 1.0, "ratio": 1.0}
     assert base["timings_ms"]["fsr_op"]["median"] == 0.0 and pruned["timings_ms"]["fsr_op"]["median"] > 0
+    assert zipped["timings_ms"]["fsr_op"]["median"] > 0 and zipped["timings_ms"]["vision_tower"]["median"] > 0
+    assert zipped["seq_len"] == pruned["seq_len"] and zipped["kv_cache_bytes"] == pruned["kv_cache_bytes"]
     assert pruned["seq_len"] - pruned["prompt_tokens"] == 64 and base["seq_len"] - base["prompt_tokens"] == 576
     llm = analytic.LLMDims(2, 64, 4, 2, 16, 128, 261)
     assert pruned["kv_cache_bytes"] == analytic.kv_cache_bytes(llm, 1, pruned["seq_len"], "fp32")
@@ -181,7 +186,8 @@ def test_plot_and_tables_are_written(bench_run):
     _, out = bench_run
     assert (out / "bench.png").read_bytes()[:8] == PNG_SIGNATURE
     text = (out / "bench.md").read_text()
-    assert "| 576 (none) | 1 |" in text and "| 64 | 2 |" in text and "TTFT speedup" in text
+    assert "| 576 (none) | 1 |" in text and "| 64 (fsr) | 2 |" in text and "| 64 (visionzip) | 2 |" in text
+    assert "TTFT speedup" in text
 
 
 def test_op_benchmark_reports_share_of_ttft(bench_run, export_fsr64):
@@ -216,6 +222,24 @@ def test_missing_budget_is_an_error(export_none, export_fsr64, tmp_path):
         targets_from_exports([export_none, export_fsr64], "ort", [576, 128, 64], tmp_path)
     specs, _ = targets_from_exports([export_fsr64, export_none], "ort", [1000, 64], tmp_path)
     assert [(s.method, s.kept_tokens) for s in specs] == [("none", 576), ("fsr", 64)]
+    with pytest.raises(BenchError, match="two exports of method fsr at budget 64"):
+        targets_from_exports([export_none, export_fsr64, export_fsr64], "ort", None, tmp_path)
+
+
+def test_an_export_that_keeps_every_token_but_is_not_unpruned_is_refused(export_none, export_vz64, tmp_path):
+    """VisionZip at budget 576 hands the LLM 576 tokens ([CLS] + merged rows): neither a baseline nor a speedup."""
+    import shutil
+
+    from fsr.bench.targets import BenchError, targets_from_exports
+    from fsr.manifest import read_manifest, write_manifest
+
+    folder = tmp_path / "vz576"
+    shutil.copytree(export_vz64, folder)
+    manifest = read_manifest(folder)
+    manifest.method.settings["budget"], manifest.image.kept_image_tokens = 576, 576
+    write_manifest(folder, manifest)
+    with pytest.raises(BenchError, match="no fewer than the unpruned model's 576"):
+        targets_from_exports([export_none, folder], "ort", None, tmp_path)
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -250,14 +274,15 @@ def test_torch_backend_benchmarks_a_preset_in_memory(tmp_path):
     from fsr.bench.targets import targets_from_preset
 
     specs, info, records = targets_from_preset("tiny", [600, 64], "torch", tmp_path, cache_dir=tmp_path,
-                                               device="cpu")
-    assert [(s.method, s.kept_tokens) for s in specs] == [("none", 576), ("fsr", 64)]
+                                               device="cpu", methods=("fsr", "visionzip"))
+    assert [(s.method, s.kept_tokens) for s in specs] == [("none", 576), ("fsr", 64), ("visionzip", 64)]
     assert not list(tmp_path.iterdir())  # nothing exported for the torch backend
     peak = measure_peak("cpu", matmul_n=128, copy_mib=4, repeats=1)
     settings = harness.BenchSettings(batches=[1], warmup=0, repeat=1, new_tokens=2)
     doc = harness.run_benchmark(specs, info, peak, settings, backend="torch", device="cpu")
-    assert [r["method"] for r in doc["results"]] == ["none", "fsr"]
+    assert [r["method"] for r in doc["results"]] == ["none", "fsr", "visionzip"]
     assert doc["results"][1]["speedup"]["ttft"]["measured"] > 0
+    assert doc["results"][2]["timings_ms"]["fsr_op"]["median"] > 0  # the VisionZip op timed alone (torch form)
     assert records[0]["note"].startswith("model built in memory")
 
 
@@ -288,7 +313,7 @@ def test_7b_preset_builds_on_the_meta_device_in_fp16(tmp_path):
 
 
 def test_preset_exports_are_made_once_and_reused(tmp_path):
-    from fsr.bench.targets import ensure_preset_exports
+    from fsr.bench.targets import BenchError, ensure_preset_exports
     from fsr.export import describe
     from fsr.manifest import FileRecord, sha256, write_manifest
     from fsr.models import load_model
@@ -309,6 +334,8 @@ def test_preset_exports_are_made_once_and_reused(tmp_path):
     def loader(name, dtype, seed):
         return object()
 
+    with pytest.raises(BenchError, match=r"cannot benchmark method\(s\) \['uniform'\]"):
+        ensure_preset_exports("tiny", [64], tmp_path, exporter=exporter, loader=loader, methods=("uniform",))
     first = ensure_preset_exports("tiny", [64, 600, 128], tmp_path, exporter=exporter, loader=loader)
     assert calls == [("none", None), ("fsr", 128), ("fsr", 64)]
     assert [r["budget"] for r in first] == [576, 128, 64] and not any(r["reused"] for r in first)
@@ -317,3 +344,8 @@ def test_preset_exports_are_made_once_and_reused(tmp_path):
     assert len(calls) == 3 and all(r["reused"] for r in second)
     again = ensure_preset_exports("tiny", [64], tmp_path, exporter=exporter, loader=loader, force=True)
     assert calls[3:] == [("none", None), ("fsr", 64)] and not any(r["reused"] for r in again)
+    both = ensure_preset_exports("tiny", [64], tmp_path, exporter=exporter, loader=loader,
+                                 methods=("fsr", "visionzip"))
+    assert calls[5:] == [("visionzip", 64)]  # the unpruned and FSR exports are reused
+    assert [(r["method"], r["reused"]) for r in both] == [("none", True), ("fsr", True), ("visionzip", False)]
+    assert both[2]["path"].endswith("llava-tiny-fp32-seed0/visionzip-b64")

@@ -192,9 +192,11 @@ def test_random_weights_are_explained(cli_none):
 def test_fidelity_json_on_tiny_export(cli_none):
     _, report = cli_none
     fidelity = report["fidelity"]
+    from fsr.compare.fidelity import available_methods
     from fsr.pruning import PRUNING_METHODS
 
-    assert fidelity["num_image_tokens"] == 576 and fidelity["methods"] == list(PRUNING_METHODS)
+    assert fidelity["num_image_tokens"] == 576 and fidelity["methods"] == list(available_methods())
+    assert set(PRUNING_METHODS) | {"visionzip"} == set(fidelity["methods"])  # FSR, VisionZip and the baselines
     assert "no re-export" in fidelity["computed_in"]
     rows = {row["budget"]: row for row in fidelity["rows"] if row["method"] == "fsr"}
     assert sorted(rows) == sorted(BUDGETS)
@@ -206,9 +208,13 @@ def test_fidelity_json_on_tiny_export(cli_none):
         assert row["kl_mean"] >= 0.0 and row["kl_max"] >= row["kl_mean"]
         assert len(row["per_sample"]) == 3
     identity = rows[576]
+    assert identity["identity"] and not any(rows[b]["identity"] for b in (192, 128, 64))
     assert identity["first_token_agreement"] == 1.0 and identity["top1_agreement"] == 1.0
     assert identity["kl_mean"] == 0.0 and identity["kl_max"] == 0.0
     assert all(rows[b]["kl_mean"] > 0.0 for b in (192, 128, 64))  # pruning does change the distribution
+    zipped = {row["budget"]: row for row in fidelity["rows"] if row["method"] == "visionzip"}
+    assert sorted(zipped) == sorted(BUDGETS)  # VisionZip beside FSR and the baselines, [CLS] kept at every budget
+    assert all(r["kept_tokens"] == b and not r["identity"] and r["kl_mean"] > 0.0 for b, r in zipped.items())
 
 
 # ---------------------------------------------------------------------------- TensorRT

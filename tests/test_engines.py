@@ -105,6 +105,36 @@ def test_fp16_rewrite_keeps_fsr_node_fp32_and_same_kept_indices(export_fsr64, tm
     np.testing.assert_allclose(tok16[same], tok32[same], atol=2e-3)
 
 
+def test_fp16_rewrite_keeps_the_visionzip_op_fp32(export_vz64, tmp_path):
+    """VisionZip's scores (cls_attention, keys) and its merge stay fp32 in an fp16 engine: the custom-domain
+    node computes in fp32; the tower's and the projector's matrix products go to fp16."""
+    import onnxruntime as ort
+
+    src = export_vz64 / "vision.onnx"
+    dst = tmp_path / "vision.fp16.onnx"
+    convert_onnx_file(src, dst, "fp16")
+    after = onnx.load(dst)
+    [node] = [n for n in after.graph.node if n.op_type == "VisionZip"]
+    types = _value_types(after)
+    assert [types[i] for i in node.input] == [TensorProto.FLOAT] * 3
+    assert types[node.output[0]] == TensorProto.FLOAT
+    consumers = [n for n in after.graph.node if node.output[0] in n.input]  # the projector after the op
+    assert consumers and all(n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT16 for n in consumers)
+    assert any(n.op_type == "Conv" and types[n.input[1]] == TensorProto.FLOAT16 for n in after.graph.node)
+
+    rng = np.random.RandomState(1)
+    feeds = {"pixel_values": rng.randn(2, 3, 336, 336).astype(np.float32)}
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    (tok32, idx32), (tok16, idx16) = run(src), run(dst)
+    assert (idx16[:, 0] == 0).all()
+    for b in range(2):  # fp16 tower outputs may flip a near-tie of the attention: the dominant sets mostly agree
+        a, c = set(idx32[b, :54]), set(idx16[b, :54])
+        assert len(a & c) / len(a | c) > 0.9
+    same = (idx16 == idx32).all(axis=1)
+    assert same.any()
+    np.testing.assert_allclose(tok16[same], tok32[same], atol=2e-2, rtol=2e-2)
+
+
 def _toy(dtype=TensorProto.FLOAT, with_matmul=True):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])] if with_matmul else \
         [helper.make_node("Relu", ["x"], ["y"])]
@@ -201,7 +231,19 @@ def built_fsr64(export_fsr64, tmp_path_factory):
     return export
 
 
-@pytest.mark.parametrize("which", ["built_none", "built_fsr64"])
+@pytest.fixture(scope="module")
+def built_vz64(export_vz64, tmp_path_factory):
+    """Every graph of the VisionZip export (the fsr.VisionZip function before the projector), fp32 and fp16."""
+    from fsr.engines.builder import BuildSettings, build_engines
+
+    _tensorrt()
+    export = _copy(export_vz64, tmp_path_factory, "vz64")
+    for precision in ("fp32", "fp16"):
+        build_engines(export, BuildSettings(precision=precision, max_batch=MAX_BATCH, max_seq=MAX_SEQ))
+    return export
+
+
+@pytest.mark.parametrize("which", ["built_none", "built_fsr64", "built_vz64"])
 def test_every_graph_has_engines_recorded_with_source_hashes(which, request):
     export = request.getfixturevalue(which)
     trt = _tensorrt()
@@ -241,6 +283,19 @@ def test_plugin_graph_is_written_and_recorded(built_fsr64, built_none):
     assert record.source_files == {"vision.onnx": sha256(built_fsr64 / "vision.onnx")}
     assert record.plugin == {"name": "FocusScanRefine", "version": "1", "namespace": "fsr"}
     assert not read_manifest(built_none).plugin_graphs  # --method none: nothing to turn into a plugin
+
+
+def test_visionzip_engines_and_no_plugin_form(built_vz64):
+    from typer.testing import CliRunner
+
+    from fsr.engines.cli import app
+
+    manifest = read_manifest(built_vz64)
+    assert set(manifest.engines) == {f"{g}.{p}" for g in ("vision", "embed", "decoder") for p in ("fp32", "fp16")}
+    assert not manifest.plugin_graphs
+    result = CliRunner().invoke(app, [str(built_vz64), "--plugin"], terminal_width=200)
+    assert result.exit_code == 2  # VisionZip has no TensorRT plugin form (the function body builds as is)
+    assert "has method 'visionzip'" in " ".join(result.output.split())
 
 
 def test_plugin_build_refused_clearly_where_it_cannot_work(built_fsr64, built_none):

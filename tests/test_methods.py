@@ -10,8 +10,8 @@ from fsr.settings import SettingsError
 
 
 def test_registered_methods():
-    assert method_names() == ["none", "fsr", "saliency-topk", "uniform", "random"]
-    assert method_names(exportable=True) == ["none", "fsr"]
+    assert method_names() == ["none", "fsr", "visionzip", "saliency-topk", "uniform", "random"]
+    assert method_names(exportable=True) == ["none", "fsr", "visionzip"]
     assert method_names(prunes=False) == ["none"]
     with pytest.raises(MethodError, match="unknown pruning method 'fastv'; known: none, fsr"):
         get_method("fastv")
