@@ -149,7 +149,8 @@ def test_the_torch_backend_and_fsr_run(export_vz64, reference, images, prompts, 
     result = CliRunner().invoke(app, [str(export_vz64), "--image", str(images[0]), "--prompt", prompts[0],
                                       "--backend", "torch", "--max-new-tokens", str(MAX_NEW), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1])["token_ids"] == want[0].token_ids
+    [row] = json.loads(result.output.strip().splitlines()[-1])["results"]
+    assert row["token_ids"] == want[0].token_ids and row["kept_indices"] == want[0].kept_indices
 
 
 @pytest.mark.parametrize("budget", [128, 192])
