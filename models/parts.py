@@ -22,8 +22,9 @@ from transformers import DynamicCache
 #: ``tokens`` [B,N,H] projector outputs; ``features`` [B,N,F] the patch features that feed
 #: the projector; ``saliency`` [B,N] the [CLS]-row attention of the feature layer, mean over
 #: heads, patch columns; ``relevance`` [B,N] cosine with the instruction embedding
-#: (``instruction_embeds`` [B,E], an extra graph input).
-VISION_OUTPUTS = ("tokens", "features", "saliency", "relevance")
+#: (``instruction_embeds`` [B,E], an extra graph input); ``early_saliency`` [B,N] the same [CLS]-row
+#: attention of an early layer (the family's choice; PIO-FVLM's encoder-side stage, its local map).
+VISION_OUTPUTS = ("tokens", "features", "saliency", "relevance", "early_saliency")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, tower: nn.Module, projector: nn.Module, layer_index: int, outputs: tuple[str, ...],
-                 clip: nn.Module | None = None):
+                 clip: nn.Module | None = None, early_layer_index: int | None = None):
         super().__init__()
         unknown = [o for o in outputs if o not in VISION_OUTPUTS]
         if unknown:
@@ -54,6 +55,10 @@ class VisionTower(nn.Module):
         self.embeddings = tower.embeddings
         self.pre_layrnorm = tower.pre_layrnorm
         self.layer_index = layer_index
+        self.early_layer_index = early_layer_index
+        if "early_saliency" in self.outputs and not (early_layer_index is not None
+                                                     and 0 <= early_layer_index <= layer_index):
+            raise ValueError(f"early_saliency needs an early layer index in [0, {layer_index}], got {early_layer_index}")
         self.layers = nn.ModuleList(tower.encoder.layers[: layer_index + 1])
         self.projector = projector
         self.use_clip = clip is not None
@@ -77,13 +82,15 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, instruction_embeds: torch.Tensor | None = None):
         h = self.pre_layrnorm(self.embeddings(pixel_values))
-        saliency = None
+        saliency = early = None
         for i, layer in enumerate(self.layers):
             if i == self.layer_index and "saliency" in self.outputs:
                 saliency = self.cls_saliency(layer, h)
+            if i == self.early_layer_index and "early_saliency" in self.outputs:
+                early = self.cls_saliency(layer, h)
             h = layer(h, None)
         features = h[:, 1:]
-        out = {"features": features, "saliency": saliency}
+        out = {"features": features, "saliency": saliency, "early_saliency": early}
         if "tokens" in self.outputs or ("relevance" in self.outputs and not self.use_clip):
             out["tokens"] = self.projector(features)
         if "relevance" in self.outputs:

@@ -42,7 +42,7 @@ class FamilyEntry:
 CATALOG: tuple[FamilyEntry, ...] = (
     FamilyEntry("llava", "fsr.models.llava", ("llava",),
                 "LLaVA-1.5: CLIP ViT tower with [CLS], MLP projector, Llama LLM (LlavaForConditionalGeneration)",
-                ("tiny", "small", "llava-1.5-7b")),
+                ("tiny", "tiny-deep", "small", "small-deep", "llava-1.5-7b")),
 )
 FAMILIES: dict[str, FamilyEntry] = {e.name: e for e in CATALOG}
 
