@@ -54,6 +54,11 @@ class PioSettings(Settings):
             raise SettingsError("PIO-FVLM takes --budget (the spec's schedule for that average) or --pio-schedule "
                                 f"(explicit stages), not both (got --budget {self.budget} and --pio-schedule "
                                 f"{self.pio_schedule!r})")
+        table = schedules.LLAVA15_SCHEDULES
+        if self.budget is not None and self.budget not in table and self.budget < max(table):
+            raise SettingsError(f"PIO-FVLM setting --budget: no schedule for average budget {self.budget}; choose one "
+                                f"of {', '.join(map(str, table))}, or give the stages with --pio-schedule "
+                                "'LAYER:TOKENS,...'")
         if self.pio_encoder_tokens is not None and self.pio_schedule is None:
             raise SettingsError("--pio-encoder-tokens needs --pio-schedule: the spec's schedules by budget are for "
                                 "the LLM alone (upstream's default w/ VE: --pio-encoder-tokens 96 --pio-schedule "
