@@ -184,6 +184,8 @@ def test_fidelity_json_on_tiny_export(cli_none):
 
     assert fidelity["num_image_tokens"] == 576 and fidelity["methods"] == list(PRUNING_METHODS)
     assert "no re-export" in fidelity["computed_in"]
+    # PIO-FVLM's schedules prune after LLM layers 1, 10, 15: the 2-layer tiny LLM cannot run them
+    assert "out of range for an LLM with 2 layers" in fidelity["skipped"]["pio-fvlm"]
     rows = {row["budget"]: row for row in fidelity["rows"] if row["method"] == "fsr"}
     assert sorted(rows) == sorted(BUDGETS)
     for budget, row in rows.items():

@@ -246,3 +246,30 @@ def test_encoder_side_stage(export_ve, images, prompts):
         assert _kept_lengths(g) == [96, 32] and g.kept_indices == w.kept_indices
         assert set(g.kept_indices[1]) <= set(g.kept_indices[0])  # indices of the image's 576 tokens
         assert g.token_ids == w.token_ids
+
+
+# ----------------------------------------------------------------------------- fsr-compare
+
+
+def test_fsr_compare(export_pio64, tmp_path):
+    """Polygraphy compares each pruning graph (ONNX Runtime) with its PyTorch reference (the readable
+    reference, autograd, row by row), end to end on ONNX Runtime, and the fidelity report has
+    pio-fvlm rows beside FSR's (its kept tokens: the mean over the LLM's layers)."""
+    from fsr.compare.run import CompareOptions, compare_export
+
+    report = compare_export(export_pio64, CompareOptions(
+        backends=("torch", "ort"), graphs=("pruning_1", "pruning_10", "pruning_15", "decoder_1"),
+        budgets=(576, 64), methods=("pio-fvlm", "fsr"), out_dir=tmp_path, builtin_samples=2, max_new_tokens=6))
+    assert report["passed"], report["failures"]
+    graphs = {g["graph"]: g for g in report["graphs"]}
+    for name in ("pruning_1", "pruning_10", "pruning_15"):
+        outputs = {o["output"]: o for o in graphs[name]["outputs"] if o["iteration"] == 0}
+        assert graphs[name]["status"] == "pass" and outputs["kept_indices"]["max_absdiff"] == 0.0
+        assert outputs["saliency"]["max_absdiff"] <= 1e-4 * outputs["saliency"]["reference_max_abs"]
+        assert graphs[name]["command"].startswith("polygraphy run")
+    [e2e] = report["end_to_end"]
+    assert e2e["status"] == "pass" and e2e["exact_sequences"] == 2
+    rows = {(r["method"], r["budget"]): r for r in report["fidelity"]["rows"]}
+    assert rows[("pio-fvlm", 576)]["kl_mean"] == 0.0 and rows[("pio-fvlm", 576)]["top1_agreement"] == 1.0
+    assert rows[("pio-fvlm", 64)]["kept_tokens"] == 106 and rows[("fsr", 64)]["kept_tokens"] == 64
+    assert rows[("pio-fvlm", 64)]["kl_mean"] > 0.0
