@@ -23,6 +23,7 @@ import typer
 
 from fsr.cli import OptionError, command, current_argv, err, make_app, run_app, split_list
 from fsr.models import FAMILIES, get_family
+from fsr.pruning.methods import get_method, method_names
 from fsr.runtime.backend import BackendError
 from fsr.settings import DTYPES
 
@@ -83,6 +84,9 @@ def bench(
                                                "--method none)."),
     preset: Optional[str] = typer.Option(None, help="Build and export a random-weight preset instead (e.g. small)."),
     family: str = typer.Option("llava", help=f"Model family of --preset: {' | '.join(FAMILIES)}."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="--preset: the pruning methods exported at each "
+                                                                  "budget, comma-separated (default fsr); e.g. "
+                                                                  "fsr,pio-fvlm: both at equal (average) budget."),
     budgets: Optional[str] = typer.Option(None, help="Image tokens kept, comma-separated; >= the image's tokens "
                                                      "means unpruned (the unpruned baseline is always measured; "
                                                      "default with --preset: 192,128,64; with folders: every "
@@ -133,6 +137,14 @@ def bench(
     if fsr_impl not in ("fixed", "reference"):
         raise OptionError(f"unknown --fsr-impl {fsr_impl!r}; choose fixed or reference")
     get_family(family)
+    method_list = tuple(split_list(methods, "--methods", str)) if methods else ("fsr",)
+    if methods and not preset:
+        raise OptionError("--methods applies to --preset (export folders say their own method)")
+    for name in method_list:
+        method = get_method(name)
+        if not (method.exportable and method.prunes):
+            raise OptionError(f"--methods: {name!r} is not a pruning method with an in-graph form; choose from "
+                              f"{', '.join(m for m in method_names(exportable=True, prunes=True))}")
     budget_list = _positive(split_list(budgets, "--budgets", int), "--budgets") if budgets else None
     batches = _positive(split_list(batch, "--batch", int), "--batch")
     backend_options = _options(backend_option or [])
@@ -162,7 +174,7 @@ def bench(
             specs, info, _ = targets.targets_from_preset(
                 preset, budget_list or list(DEFAULT_PRESET_BUDGETS), backend, workdir, cache_dir=cache, family=family,
                 dtype=dtype, device=device, seed=seed, force=force_export, method_form=fsr_impl,
-                progress=progress, backend_options=backend_options)
+                progress=progress, backend_options=backend_options, methods=method_list)
         else:
             specs, info = targets.targets_from_exports(list(exports), backend, budget_list, workdir, device=device,
                                                        method_form=fsr_impl, backend_options=backend_options)
@@ -181,12 +193,17 @@ def bench(
     with Progress(*columns, console=err) as bar:
         overall = bar.add_task("all runs", total=len(specs) * len(settings.batches) * per_config)
 
+        def label(spec) -> str:
+            if spec.is_baseline:
+                return "unpruned"
+            return f"{spec.method} budget {spec.budget}" if len(method_list) > 1 else f"budget {spec.kept_tokens}"
+
         def on_target(spec, phase: str) -> None:
-            name = "unpruned" if spec.is_baseline else f"budget {spec.kept_tokens}"
+            name = label(spec)
             err.log(f"opening {name} on {backend} ({phase})")
 
         def on_config(spec, batch_size):
-            name = "unpruned" if spec.is_baseline else f"budget {spec.kept_tokens}"
+            name = label(spec)
             task = bar.add_task(f"{name} · batch {batch_size}", total=per_config)
 
             def tick() -> None:

@@ -25,8 +25,16 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
-def _budget(row: dict) -> str:
-    return f"{row['kept_tokens']} (none)" if row["kept_tokens"] >= row["num_image_tokens"] else str(row["kept_tokens"])
+def _budget(row: dict, methods: bool = False) -> str:
+    """``64``; ``576 (none)`` unpruned; with ``methods`` (several pruning methods in one run) ``64 fsr``,
+    ``64 pio-fvlm`` (its budget: the average its schedule was chosen for)."""
+    if row["kept_tokens"] >= row["num_image_tokens"]:
+        return f"{row['kept_tokens']} (none)"
+    return f"{row['budget']} {row['method']}" if methods else str(row["kept_tokens"])
+
+
+def _several_methods(doc: dict) -> bool:
+    return len({r["method"] for r in doc["results"] if r["kept_tokens"] < r["num_image_tokens"]}) > 1
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -39,9 +47,10 @@ def timing_table(doc: dict) -> str:
     header = ["budget", "batch", "prefill len", "TTFT ms [IQR]", "text enc", "vision", "↳ tower", "↳ FSR op",
               "embed", "prefill", "decode ms/tok", "KV cache MiB", "peak mem MiB"]
     rows = []
+    several = _several_methods(doc)
     for r in doc["results"]:
         t = r["timings_ms"]
-        rows.append([_budget(r), str(r["batch"]), str(r["seq_len"]), _ms(t["ttft"], True), _ms(t["instruction"]),
+        rows.append([_budget(r, several), str(r["batch"]), str(r["seq_len"]), _ms(t["ttft"], True), _ms(t["instruction"]),
                      _ms(t["vision"]), _ms(t["vision_tower"]), _ms(t["fsr_op"]), _ms(t["embed"]), _ms(t["prefill"]),
                      _ms(t["decode_per_token"]), f"{r['kv_cache_bytes'] / MIB:.1f}",
                      f"{r['peak_memory']['bytes'] / MIB:.0f}"])
@@ -53,11 +62,12 @@ def speedup_table(doc: dict) -> str:
               "prefill speedup meas / ideal (ratio)", "decode speedup meas / ideal", "KV cache ÷",
               "prefill ms meas / roofline", "FSR op share of TTFT"]
     rows = []
+    several = _several_methods(doc)
     for r in doc["results"]:
         s, a = r["speedup"], r["analytic"]
         prefill_ms = r["timings_ms"]["prefill"]["median"]
         rows.append([
-            _budget(r), str(r["batch"]), f"{a['prefill_flops'] / 1e9:.2f}", f"{a['prefill_bytes'] / 1e6:.1f}",
+            _budget(r, several), str(r["batch"]), f"{a['prefill_flops'] / 1e9:.2f}", f"{a['prefill_bytes'] / 1e6:.1f}",
             f"{_x(s['ttft']['measured'])} / {_x(s['ttft']['ideal'])} ({_x(s['ttft']['ratio'])})",
             f"{_x(s['prefill']['measured'])} / {_x(s['prefill']['ideal'])} ({_x(s['prefill']['ratio'])})",
             f"{_x(s['decode_per_token']['measured'])} / {_x(s['decode_per_token']['ideal'])}",
@@ -66,6 +76,26 @@ def speedup_table(doc: dict) -> str:
             _pct(r["fsr_op_share_of_ttft"]),
         ])
     return _table(header, rows)
+
+
+def segment_table(doc: dict) -> str | None:
+    """Per decoder segment of the rows whose method prunes inside the LLM: layers, image tokens, prefill
+    length, the segment's prefill time and the pruning graph's before it, KV cache. None when no row
+    has segments with their own image tokens."""
+    header = ["budget", "batch", "segment", "layers", "image tokens", "prefill len", "prefill ms",
+              "pruning before ms", "KV cache MiB"]
+    rows = []
+    several = _several_methods(doc)
+    for r in doc["results"]:
+        for seg in r.get("segments") or []:
+            if seg.get("image_tokens") is None:
+                continue
+            first, stop = seg["layers"]
+            rows.append([_budget(r, several), str(r["batch"]), seg["graph"], f"{first}–{stop - 1}",
+                         str(seg["image_tokens"]), str(seg.get("seq_len", "–")), _ms(seg["prefill_ms"]),
+                         _ms(seg["pruning_ms"]) if seg.get("prune_before") else "–",
+                         f"{seg['kv_cache_bytes'] / MIB:.2f}" if "kv_cache_bytes" in seg else "–"])
+    return _table(header, rows) if rows else None
 
 
 def device_line(doc: dict) -> str:
@@ -83,11 +113,15 @@ def legend(doc: dict) -> str:
             "text enc = instruction embedding for FSR's relevance; vision = the whole vision graph, measured in the "
             "pipeline; ↳ tower / ↳ FSR op = the graph cut at the op and each side timed alone. Ideal = roofline "
             "max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with the measured peaks; ratio = measured / ideal "
-            f"speedup. KV cache after prefill. Peak memory: {', '.join(kinds)}.")
+            f"speedup. KV cache after prefill. Peak memory: {', '.join(kinds)}. A method that prunes inside the LLM "
+            "keeps every image token in the vision graph and drops them between decoder segments: its budget is the "
+            "average its schedule was chosen for, its kept tokens the mean per LLM layer, and the segment table "
+            "gives each segment's prefill, the pruning graph before it and its KV cache.")
 
 
 def markdown(doc: dict) -> str:
-    return "\n\n".join([device_line(doc), timing_table(doc), speedup_table(doc), legend(doc)]) + "\n"
+    parts = [device_line(doc), timing_table(doc), speedup_table(doc), segment_table(doc), legend(doc)]
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def plot(doc: dict, path: Path) -> Path:
@@ -99,27 +133,32 @@ def plot(doc: dict, path: Path) -> Path:
 
     rows = doc["results"]
     batches = sorted({r["batch"] for r in rows})
+    pruned_methods = list(dict.fromkeys(r["method"] for r in rows if r["kept_tokens"] < r["num_image_tokens"]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, batch in enumerate(batches):
-        rs = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["kept_tokens"])
+    lines = [(b, m) for b in batches for m in (pruned_methods or [None])]
+    for i, (batch, method) in enumerate(lines):
+        rs = sorted((r for r in rows if r["batch"] == batch and (r["kept_tokens"] >= r["num_image_tokens"]
+                                                                  or r["method"] == method)),
+                    key=lambda r: r["kept_tokens"])
         x = [r["kept_tokens"] for r in rs]
         c = colors[i % len(colors)]
-        left.plot(x, [r["speedup"]["ttft"]["measured"] for r in rs], "o-", color=c, label=f"TTFT measured, b={batch}")
+        tag = f"b={batch}" + (f", {method}" if len(pruned_methods) > 1 else "")
+        left.plot(x, [r["speedup"]["ttft"]["measured"] for r in rs], "o-", color=c, label=f"TTFT measured, {tag}")
         left.plot(x, [r["speedup"]["ttft"]["ideal"] for r in rs], "o--", color=c, alpha=0.6,
-                  label=f"TTFT ideal, b={batch}")
+                  label=f"TTFT ideal, {tag}")
         left.plot(x, [r["speedup"]["prefill"]["measured"] for r in rs], "s-", color=c, alpha=0.8, markersize=4,
-                  label=f"prefill measured, b={batch}")
+                  label=f"prefill measured, {tag}")
         left.plot(x, [r["speedup"]["prefill"]["ideal"] for r in rs], "s:", color=c, alpha=0.6, markersize=4,
-                  label=f"prefill ideal, b={batch}")
+                  label=f"prefill ideal, {tag}")
         med = [r["timings_ms"]["ttft"]["median"] for r in rs]
         err = [[m - r["timings_ms"]["ttft"]["q1"] for m, r in zip(med, rs)],
                [r["timings_ms"]["ttft"]["q3"] - m for m, r in zip(med, rs)]]
-        right.errorbar(x, med, yerr=err, fmt="o-", color=c, capsize=3, label=f"measured (IQR), b={batch}")
+        right.errorbar(x, med, yerr=err, fmt="o-", color=c, capsize=3, label=f"measured (IQR), {tag}")
         right.plot(x, [r["roofline"]["ttft_ms"] for r in rs], "o--", color=c, alpha=0.6,
-                   label=f"roofline ideal, b={batch}")
+                   label=f"roofline ideal, {tag}")
     for ax in (left, right):
-        ax.set_xlabel("image tokens kept (budget)")
+        ax.set_xlabel("image tokens kept (budget; inside the LLM: mean per layer)")
         ax.set_xscale("log", base=2)
         ticks = sorted({r["kept_tokens"] for r in rows})
         ax.set_xticks(ticks, [str(t) for t in ticks])

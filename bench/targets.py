@@ -41,7 +41,7 @@ from fsr.runtime.pipeline import Pipeline
 from fsr.runtime.torch_backend import TorchBackend
 
 BACKENDS = ("ort", "trt", "torch")
-#: the pruning method of the exports a preset benchmark makes
+#: the pruning method of the exports a preset benchmark makes (``--methods`` chooses others)
 PRESET_METHOD = "fsr"
 
 
@@ -84,8 +84,17 @@ def is_unpruned(manifest: Manifest) -> bool:
 
 
 def _budget(manifest: Manifest) -> int | None:
+    """The export's budget: its method's (for a method pruning inside the LLM, the average the schedule
+    was chosen for; with explicit stages, the mean image tokens per layer); None when unpruned."""
     method = get_method(manifest.method.name)
-    return None if is_unpruned(manifest) else method.budget(method.settings_from_json(manifest.method.settings))
+    if is_unpruned(manifest):
+        return None
+    budget = method.budget(method.settings_from_json(manifest.method.settings))
+    return manifest.image.kept_image_tokens if budget is None else budget
+
+
+def _segments(manifest: Manifest) -> list[dict]:
+    return [dataclasses.asdict(s) for s in manifest.decoder_segments]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -103,6 +112,8 @@ class Target:
     op: object | None  # Runner: the op alone (None when unpruned or not measurable)
     export_dir: Path | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: the manifest's decoder segments (graph, layers, prune_before, image_tokens)
+    segments: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def unpruned(self) -> bool:
@@ -143,7 +154,7 @@ def _method_label(manifest: Manifest) -> str:
 
 def _target(pipe: Pipeline, manifest: Manifest, backend: str, tower, op, export_dir, notes) -> Target:
     return Target(_method_label(manifest), _budget(manifest), manifest.image.kept_image_tokens,
-                  manifest.image.num_image_tokens, backend, pipe, tower, op, export_dir, notes)
+                  manifest.image.num_image_tokens, backend, pipe, tower, op, export_dir, notes, _segments(manifest))
 
 
 def open_export(export_dir: Path, backend: str, workdir: Path, *, device: str | None = None,
@@ -162,8 +173,8 @@ def open_export(export_dir: Path, backend: str, workdir: Path, *, device: str | 
     tower = op = None
     if not with_parts:
         pass
-    elif is_unpruned(manifest):
-        tower = pipe.runners["vision"]
+    elif is_unpruned(manifest) or method.prunes_in == "llm":
+        tower = pipe.runners["vision"]  # the method prunes inside the LLM: its graphs are timed per segment
     elif backend == "torch":
         tower = pipe.backend.runner("vision_tower").activate()
         op = pipe.backend.runner("pruning_op").activate()
@@ -196,7 +207,7 @@ def open_model(loaded, manifest: Manifest, *, device: str | None = None, method_
     pipe = Pipeline.from_backend(backend, loaded.processor, clip_tokenizer=loaded.clip_tokenizer)
     tower = op = None
     notes: list[str] = []
-    if with_parts and is_unpruned(manifest):
+    if with_parts and (is_unpruned(manifest) or get_method(manifest.method.name).prunes_in == "llm"):
         tower = pipe.runners["vision"]
     elif with_parts:
         tower = backend.runner("vision_tower").activate()
@@ -218,13 +229,15 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
         raise BenchError("the export folders hold different models (source, dtype or LLM dims differ); "
                          "speedups are only meaningful between exports of one model: pass one model's exports")
     n_image = found[0][1].image.num_image_tokens
-    by_budget: dict[int, tuple[Path, Manifest]] = {}
+    by_budget: dict[int, dict[str, tuple[Path, Manifest]]] = {}
     for d, m in found:
-        key = min(m.image.kept_image_tokens, n_image)
-        if key in by_budget and not get_method(by_budget[key][1].method.name).prunes \
-                and get_method(m.method.name).prunes:
-            continue  # an identity pruning export and the unpruned one: keep the unpruned one
-        by_budget[key] = (d, m)
+        key = n_image if is_unpruned(m) else min(_budget(m), n_image)
+        label = _method_label(m)
+        if key == n_image and by_budget.get(key) and not get_method(m.method.name).prunes:
+            by_budget[key] = {}  # an identity pruning export and the unpruned one: keep the unpruned one
+        elif key == n_image and by_budget.get(key):
+            continue
+        by_budget.setdefault(key, {}).setdefault(label, (d, m))
     if n_image not in by_budget:
         family = found[0][1].family
         raise BenchError("no unpruned export among the folders: speedups are measured against the unpruned export "
@@ -235,15 +248,15 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
     if missing:
         raise BenchError(f"no export for budget(s) {missing} among the folders "
                          f"(they hold {sorted(by_budget, reverse=True)})")
-    d0, m0 = by_budget[n_image]
+    d0, m0 = next(iter(by_budget[n_image].values()))
     info = ModelInfo.from_manifest(m0, m0.model.source or str(d0))
     specs = []
     for b in wanted:
-        d, m = by_budget[b]
-        specs.append(TargetSpec(_method_label(m), _budget(m), b, n_image, d,
-                                _opener(open_export, d, backend, workdir, device=device, method_form=method_form,
-                                        backend_options=backend_options),
-                                {"path": str(d), "given": True}))
+        for d, m in by_budget[b].values():  # every method at this (average) budget, in the folders' order
+            specs.append(TargetSpec(_method_label(m), _budget(m), m.image.kept_image_tokens, n_image, d,
+                                    _opener(open_export, d, backend, workdir, device=device, method_form=method_form,
+                                            backend_options=backend_options),
+                                    {"path": str(d), "given": True}))
     return specs, info
 
 
@@ -270,12 +283,13 @@ def preset_image_tokens(family: str, preset: str, seed: int = 0) -> int:
     return spec.num_image_tokens(loaded.config)
 
 
-def export_folder(cache_dir: Path, family: str, preset: str, dtype: str, seed: int, budget: int | None) -> Path:
-    tag = "none" if budget is None else f"{PRESET_METHOD}-b{budget}"
+def export_folder(cache_dir: Path, family: str, preset: str, dtype: str, seed: int, budget: int | None,
+                  method: str = PRESET_METHOD) -> Path:
+    tag = "none" if budget is None else f"{method}-b{budget}"
     return Path(cache_dir) / f"{family}-{preset}-{dtype}-seed{seed}" / tag
 
 
-def _cached(folder: Path, preset: str, dtype: str, budget: int | None) -> bool:
+def _cached(folder: Path, preset: str, dtype: str, budget: int | None, method_name: str = PRESET_METHOD) -> bool:
     try:
         m = read_manifest(folder)
     except ManifestError:
@@ -284,7 +298,7 @@ def _cached(folder: Path, preset: str, dtype: str, budget: int | None) -> bool:
     same_budget = budget is None if not method.prunes else \
         method.budget(method.settings_from_json(m.method.settings)) == budget
     return m.model.preset == preset and m.dtype == dtype and same_budget and \
-        (method.name == PRESET_METHOD or budget is None)
+        (method.name == method_name or budget is None)
 
 
 def check_export_memory(family: str, preset: str, dtype: str, factor: float = 3.0) -> None:
@@ -311,10 +325,13 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 
 def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, family: str = "llava",
                           dtype: str = "fp32", seed: int = 0, force: bool = False,
-                          progress: Callable[[str], None] = lambda s: None, exporter=None, loader=None) -> list[dict]:
-    """Export the unpruned model and one pruned export per budget < N into ``cache_dir`` (reused when there).
+                          progress: Callable[[str], None] = lambda s: None, exporter=None, loader=None,
+                          methods: tuple[str, ...] = (PRESET_METHOD,)) -> list[dict]:
+    """Export the unpruned model and one pruned export per budget < N and method into ``cache_dir``
+    (reused when there).
 
-    Returns one record per budget (baseline first): ``{budget, method, path, reused, seconds}``.
+    Returns one record per export (baseline first, then per budget every method):
+    ``{budget, method, path, reused, seconds}``.
     ``exporter(loaded, output, settings, force=...)`` and ``loader(preset, dtype, seed)`` default to
     `fsr.export.export_model` and `fsr.models.load_model`.
     """
@@ -327,13 +344,14 @@ def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, f
     n_image = preset_image_tokens(family, preset, seed)
     loaded = None
     records = []
-    for b in _normalise_budgets(budgets, n_image):
+    plan = [(b, m) for b in _normalise_budgets(budgets, n_image) for m in (methods if b < n_image else ("none",))]
+    for b, method in plan:
         budget = None if b == n_image else b
-        folder = export_folder(cache_dir, family, preset, dtype, seed, budget)
+        folder = export_folder(cache_dir, family, preset, dtype, seed, budget, method)
         settings = (ExportSettings("none", dtype=dtype) if budget is None
-                    else ExportSettings(PRESET_METHOD, dtype=dtype, budget=budget))
+                    else ExportSettings(method, dtype=dtype, budget=budget))
         record = {"budget": b, "method": settings.method, "path": str(folder)}
-        if not force and _cached(folder, preset, dtype, budget):
+        if not force and _cached(folder, preset, dtype, budget, method):
             records.append({**record, "reused": True, "seconds": 0.0})
             continue
         if loaded is None:
@@ -349,18 +367,21 @@ def ensure_preset_exports(preset: str, budgets: list[int], cache_dir: Path, *, f
 def targets_from_preset(preset: str, budgets: list[int], backend: str, workdir: Path, *, cache_dir: Path,
                         family: str = "llava", dtype: str | None = None, device: str | None = None, seed: int = 0,
                         force: bool = False, method_form: str = "fixed",
-                        progress: Callable[[str], None] = lambda s: None, backend_options: dict | None = None):
-    """Specs (baseline first), the model's info, and the export records for a preset."""
+                        progress: Callable[[str], None] = lambda s: None, backend_options: dict | None = None,
+                        methods: tuple[str, ...] = (PRESET_METHOD,)):
+    """Specs (baseline first), the model's info, and the export records for a preset (one export per
+    budget and method of ``methods``)."""
     get_family(family)
     if backend != "torch":
         dtype = dtype or "fp32"
         records = ensure_preset_exports(preset, budgets, cache_dir, family=family, dtype=dtype, seed=seed,
-                                        force=force, progress=progress)
+                                        force=force, progress=progress, methods=tuple(methods))
         specs, info = targets_from_exports([Path(r["path"]) for r in records], backend,
-                                           [r["budget"] for r in records], workdir, device=device,
+                                           sorted({r["budget"] for r in records}), workdir, device=device,
                                            method_form=method_form, backend_options=backend_options)
-        for spec, record in zip(specs, records):
-            spec.export = record
+        by_path = {r["path"]: r for r in records}
+        for spec in specs:
+            spec.export = by_path[str(spec.export_dir)]
         return specs, info, records
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -377,15 +398,16 @@ def targets_from_preset(preset: str, budgets: list[int], backend: str, workdir: 
     n_image = get_spec(family).num_image_tokens(loaded.config)
     info = None
     specs, records = [], []
-    for b in _normalise_budgets(budgets, n_image):
+    plan = [(b, m) for b in _normalise_budgets(budgets, n_image) for m in (methods if b < n_image else ("none",))]
+    for b, method in plan:
         settings = (ExportSettings("none", dtype=dtype) if b == n_image
-                    else ExportSettings(PRESET_METHOD, dtype=dtype, budget=b))
+                    else ExportSettings(method, dtype=dtype, budget=b))
         manifest = describe(loaded, settings)
         info = info or ModelInfo.from_manifest(manifest, f"preset:{preset}")
         record = {"budget": b, "method": settings.method, "path": None, "reused": False,
                   "seconds": built if not records else 0.0, "note": "model built in memory (torch backend)"}
         records.append(record)
-        specs.append(TargetSpec(settings.method, settings.budget, b, n_image, None,
+        specs.append(TargetSpec(settings.method, settings.budget, manifest.image.kept_image_tokens, n_image, None,
                                 _opener(open_model, loaded, manifest, device=device, method_form=method_form),
                                 record))
     return specs, info, records
