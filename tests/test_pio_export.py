@@ -273,3 +273,33 @@ def test_fsr_compare(export_pio64, tmp_path):
     assert rows[("pio-fvlm", 576)]["kl_mean"] == 0.0 and rows[("pio-fvlm", 576)]["top1_agreement"] == 1.0
     assert rows[("pio-fvlm", 64)]["kept_tokens"] == 106 and rows[("fsr", 64)]["kept_tokens"] == 64
     assert rows[("pio-fvlm", 64)]["kl_mean"] > 0.0
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "100"], "no schedule for average budget 100; choose one of 64, 128, 192"),
+    (["--budget", "64", "--pio-schedule", "1:92"], "not both"),
+    (["--pio-schedule", "1:54,10:92"], "stage 2: keeps 92 visual tokens but only 54 enter it"),
+    (["--pio-schedule", "0:92"], "layers are 1-based"),
+    (["--pio-encoder-tokens", "96"], "--pio-encoder-tokens needs --pio-schedule"),
+    (["--pio-schedule", "16:32", "--model", "tiny-deep"], "layer 16 is out of range for an LLM with 16 layers"),
+])
+def test_fsr_export_refuses_bad_pio_options(tmp_path, capsys, args, message):
+    from fsr.cli import run_app
+    from fsr.export.cli import app
+
+    code = run_app(app, ["llava", "--method", "pio-fvlm", *args, "-o", str(tmp_path / "out")], prog_name="fsr-export")
+    assert code == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_pio_options_do_not_apply_to_other_methods(tmp_path, capsys):
+    from fsr.cli import run_app
+    from fsr.export.cli import app
+
+    assert run_app(app, ["llava", "--method", "fsr", "--pio-schedule", "1:92", "-o", str(tmp_path / "o")],
+                   prog_name="fsr-export") == 2
+    assert "--pio-schedule do(es) not apply to method 'fsr'" in " ".join(capsys.readouterr().err.split())
