@@ -104,6 +104,7 @@ class PioFvlm(PruningMethod):
     reference_function = None
     onnx_op = None  # nothing in the vision graph without the encoder-side stage; the NMS is fsr.PioNms
     tensorrt_plugin = False
+    near_tie_analysis = "pio-nms"  # fsr-compare replays the NMS on the reference's saliency
 
     # -- settings -----------------------------------------------------------------------------
 
