@@ -259,7 +259,7 @@ def test_fsr_compare(export_pio64, tmp_path):
 
     report = compare_export(export_pio64, CompareOptions(
         backends=("torch", "ort"), graphs=("pruning_1", "pruning_10", "pruning_15", "decoder_1"),
-        budgets=(576, 64), methods=("pio-fvlm", "fsr"), out_dir=tmp_path, builtin_samples=2, max_new_tokens=6))
+        budgets=(576, 64), methods=("pio-fvlm", "fsr"), out_dir=tmp_path, builtin_samples=1, max_new_tokens=4))
     assert report["passed"], report["failures"]
     graphs = {g["graph"]: g for g in report["graphs"]}
     for name in ("pruning_1", "pruning_10", "pruning_15"):
@@ -268,7 +268,7 @@ def test_fsr_compare(export_pio64, tmp_path):
         assert outputs["saliency"]["max_absdiff"] <= 1e-4 * outputs["saliency"]["reference_max_abs"]
         assert graphs[name]["command"].startswith("polygraphy run")
     [e2e] = report["end_to_end"]
-    assert e2e["status"] == "pass" and e2e["exact_sequences"] == 2
+    assert e2e["status"] == "pass" and e2e["exact_sequences"] == 1
     rows = {(r["method"], r["budget"]): r for r in report["fidelity"]["rows"]}
     assert rows[("pio-fvlm", 576)]["kl_mean"] == 0.0 and rows[("pio-fvlm", 576)]["top1_agreement"] == 1.0
     assert rows[("pio-fvlm", 64)]["kept_tokens"] == 106 and rows[("fsr", 64)]["kept_tokens"] == 64
