@@ -8,7 +8,7 @@ segments hold for them, byte for byte). `share_weights` finds every float tensor
 - writes each of them once into ``shared_weights.data`` (offsets aligned to `ALIGN` bytes);
 - gives it one canonical name in every graph that holds it: ``shared/<parameter name>`` (with
   ``.T`` for a transposed weight, as ``x @ W^T`` graphs hold it) when the bytes are those of
-  exactly one parameter of the model, else ``shared/<sha256 prefix>``;
+  exactly one parameter of the model, else ``shared/<digest of type, shape and bytes>``;
 - turns those initializers into external-data references to the shared file (the graphs'
   other tensors stay where they were);
 - writes ``shared_weights.json``: the tensors (offset, length, dtype, shape) and which graph
@@ -102,9 +102,10 @@ def share_weights(root: Path, paths: dict[str, Path], parameters=()) -> dict | N
         return None
     known = parameter_names(parameters, shared)
     canonical: dict[tuple, str] = {}
-    for key in shared:
+    for key in shared:  # a parameter's name, else a digest of type, shape and bytes (one name per key)
         labels = known.get(key, [])
-        canonical[key] = SHARED_PREFIX + (labels[0] if len(labels) == 1 else key[2][:16])
+        digest = hashlib.sha256(repr(key[:3]).encode()).hexdigest()[:16]
+        canonical[key] = SHARED_PREFIX + (labels[0] if len(labels) == 1 else digest)
     index = {"data": SHARED_DATA, "align": ALIGN, "tensors": {}, "graphs": {}}
     written: set[tuple] = set()
     data_path = Path(root) / SHARED_DATA
