@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fsr.files import atomic_write
+
 MIB = 1 << 20
 
 
@@ -36,7 +38,8 @@ def _child(export_dir: Path, share: bool, new_tokens: int) -> dict:
     from fsr.runtime.pipeline import Pipeline
 
     before = _status_kib("VmRSS")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    # any size: the processor resizes it
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
     with Pipeline(export_dir, share_weights=share) as pipe:
         loaded = _status_kib("VmRSS")
         tokens = pipe.generate([image], ["Describe the image."], max_new_tokens=new_tokens)[0].token_ids
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.export_dir, args.rounds, args.new_tokens)
     print(table(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 

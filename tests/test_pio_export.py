@@ -151,6 +151,18 @@ def test_the_pruning_graphs_share_the_decoder_segments_weights(export_pio64, man
     assert "shared/lm_head.weight.T" in index["graphs"]["decoder_3"]
 
 
+def test_shared_and_copied_weights_generate_the_same(export_pio64):
+    """bench/shared_weights.py (fresh processes): ONNX Runtime with the shared tensors registered once
+    and with one copy per session generate the same tokens; the index names the bytes copies add."""
+    from fsr.bench.shared_weights import measure, table
+
+    result = measure(export_pio64, rounds=1, new_tokens=2)
+    shared, copied = result["runs"]
+    assert shared["share"] and not copied["share"]
+    assert shared["tokens"] == copied["tokens"] and len(shared["tokens"]) >= 1
+    assert result["copies_avoided_mib"] > 0 and "| shared |" in table(result)
+
+
 def test_pruning_graphs_do_not_grow_with_keep(export_pio64):
     """keep = 92, 54, 22: the same graph (the NMS steps are one Loop in the fsr.PioNms function)."""
     models = [onnx.load(export_pio64 / f"pruning_{layer}.onnx", load_external_data=False) for layer in (1, 10, 15)]
