@@ -40,8 +40,10 @@ def vision_weights(v: VisionDims) -> int:
             + h * v.projector_out + v.projector_out * v.projector_out)
 
 
-def prefill_flops(d: LLMDims, batch: int, seq: int, past: int = 0) -> dict[str, int]:
-    """FLOPs of one prefill (or decode, ``seq=1``) step over ``seq`` new positions after ``past``."""
+def prefill_flops(d: LLMDims, batch: int, seq: int, past: int = 0, *, layers: int | None = None,
+                  lm_head: bool = True) -> dict[str, int]:
+    """FLOPs of one prefill (or decode, ``seq=1``) step over ``seq`` new positions after ``past``
+    (``layers`` of the LLM's layers, default all; ``lm_head``: with the LM head)."""
     q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
     tokens = batch * seq
     per_layer = {
@@ -50,15 +52,77 @@ def prefill_flops(d: LLMDims, batch: int, seq: int, past: int = 0) -> dict[str, 
         "attention_scores": 2 * 2 * batch * d.num_heads * seq * (past + seq) * d.head_dim,
         "mlp": 2 * tokens * 3 * d.hidden_size * d.intermediate_size,
     }
-    out = {k: v * d.num_layers for k, v in per_layer.items()}
-    out["lm_head"] = 2 * tokens * d.hidden_size * d.vocab_size
+    out = {k: v * (d.num_layers if layers is None else layers) for k, v in per_layer.items()}
+    out["lm_head"] = 2 * tokens * d.hidden_size * d.vocab_size if lm_head else 0
     out["total"] = sum(out.values())
     return out
 
 
-def kv_cache_bytes(d: LLMDims, batch: int, seq: int, dtype: str) -> int:
-    """Bytes of the KV cache holding ``seq`` positions: keys and values, every layer."""
-    return 2 * d.num_layers * batch * d.num_kv_heads * seq * d.head_dim * DTYPE_BYTES[dtype]
+def kv_cache_bytes(d: LLMDims, batch: int, seq: int, dtype: str, layers: int | None = None) -> int:
+    """Bytes of the KV cache holding ``seq`` positions: keys and values, every layer (or ``layers``)."""
+    return 2 * (d.num_layers if layers is None else layers) * batch * d.num_kv_heads * seq * d.head_dim * \
+        DTYPE_BYTES[dtype]
+
+
+# -- a decoder cut into segments with image tokens dropped between them (pruning inside the LLM) ----
+
+
+def segment_lengths(seq: int, image_tokens: int, segments: list[dict]) -> list[int]:
+    """Prefill length of each decoder segment: ``seq`` (with ``image_tokens`` image tokens) minus the image
+    tokens pruned before it (``segments``: the manifest's, with ``layers`` and ``image_tokens``)."""
+    return [seq - image_tokens + (s.get("image_tokens") or image_tokens) for s in segments]
+
+
+def segmented_prefill_flops(d: LLMDims, batch: int, seq: int, image_tokens: int, segments: list[dict]) -> dict:
+    """`prefill_flops` summed over the segments, each over its own length (the LM head once)."""
+    out: dict[str, int] = {}
+    lengths = segment_lengths(seq, image_tokens, segments)
+    for i, (s, length) in enumerate(zip(segments, lengths)):
+        part = prefill_flops(d, batch, length, layers=s["layers"][1] - s["layers"][0], lm_head=i == len(segments) - 1)
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def llm_pruning_flops(d: LLMDims, batch: int, seq: int, num_visual: int, keep: int, supervised: int = 4) -> int:
+    """A pruning graph between decoder segments, as PIO-FVLM's closed form computes it: the proxy layer's
+    keys and values over the ``seq`` positions and their VJP (4 products of ``seq x D x kv``), the
+    ``supervised`` rows through queries, attention, output projection, MLP and LM head and back (twice
+    the forward), then the NMS: the ``n x n`` cosine Gram matrix and ``keep`` steps of a ``1 x n x n``
+    product."""
+    q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    keys_values = 4 * 2 * seq * d.hidden_size * kv
+    rows = supervised * (d.hidden_size * q + q * d.hidden_size + 3 * d.hidden_size * d.intermediate_size
+                         + d.hidden_size * d.vocab_size)
+    attention = 2 * 2 * supervised * d.num_heads * seq * d.head_dim
+    nms = 2 * num_visual * num_visual * d.hidden_size + 2 * keep * num_visual * num_visual
+    return batch * (keys_values + 2 * 2 * rows + 2 * attention + nms)
+
+
+def llm_pruning_bytes(d: LLMDims, batch: int, seq: int, dtype: str) -> int:
+    """The proxy layer's and the LM head's weights read, the hidden states read and written."""
+    e = DTYPE_BYTES[dtype]
+    return (layer_weights(d) + d.hidden_size * d.vocab_size) * e + 2 * batch * seq * d.hidden_size * e
+
+
+def segmented_kv_cache_bytes(d: LLMDims, batch: int, seq: int, image_tokens: int, segments: list[dict],
+                             dtype: str) -> list[int]:
+    """KV-cache bytes of each segment after a prefill of ``seq`` positions."""
+    return [kv_cache_bytes(d, batch, length, dtype, layers=s["layers"][1] - s["layers"][0])
+            for s, length in zip(segments, segment_lengths(seq, image_tokens, segments))]
+
+
+def segmented_decode_step(d: LLMDims, batch: int, context: int, image_tokens: int, segments: list[dict],
+                          dtype: str) -> tuple[int, int]:
+    """(FLOPs, bytes) of one decode step with ``context`` unpruned positions, each segment attending to
+    its own (shorter) cache."""
+    flops = 0
+    kv = 0
+    for i, (s, length) in enumerate(zip(segments, segment_lengths(context, image_tokens, segments))):
+        layers = s["layers"][1] - s["layers"][0]
+        flops += prefill_flops(d, batch, 1, past=length - 1, layers=layers, lm_head=i == len(segments) - 1)["total"]
+        kv += kv_cache_bytes(d, batch, length, dtype, layers=layers)
+    return flops, decoder_weights(d) * DTYPE_BYTES[dtype] + kv
 
 
 def prefill_bytes(d: LLMDims, batch: int, seq: int, dtype: str) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """``fsr-bench``: what pruning buys, measured against the device's roofline.
 
-    fsr-bench [EXPORT_DIR ...] [--preset small [--methods fsr,visionzip]] [--budgets 576,192,128,64]
+    fsr-bench [EXPORT_DIR ...] [--preset small [--methods fsr,visionzip,pio-fvlm]] [--budgets 576,192,128,64]
               [--backend ort|trt|torch]
               [--batch 1,4] [--warmup N] [--repeat N] [--new-tokens N] [--json FILE] [--plot FILE.png]
     fsr-bench op [--n N --d D --f F --budget 64] [--export DIR] [--bench-json FILE]
@@ -96,8 +96,9 @@ def bench(
                                                      "default with --preset: 192,128,64; with folders: every "
                                                      "budget they hold)."),
     methods: Optional[str] = typer.Option(None, help="With --preset: pruning methods exported at every budget, "
-                                                     "comma-separated (default fsr; e.g. fsr,visionzip). Export "
-                                                     "folders bring their own."),
+                                                     "comma-separated (default fsr; e.g. fsr,visionzip,pio-fvlm: "
+                                                     "each at equal (for pio-fvlm: average) budget). Export folders "
+                                                     "bring their own."),
     backend: str = typer.Option("ort", help=" | ".join(BACKENDS) + "."),
     batch: str = typer.Option("1", help="Batch sizes, comma-separated."),
     warmup: int = typer.Option(1, min=0, help="Warm-up runs per budget and batch."),
@@ -208,12 +209,20 @@ def bench(
     with Progress(*columns, console=err) as bar:
         overall = bar.add_task("all runs", total=len(specs) * len(settings.batches) * per_config)
 
+        def label(spec) -> str:
+            if spec.is_baseline:
+                return "unpruned"
+            return f"{spec.method} budget {spec.budget}" if len(method_list) > 1 else f"budget {spec.kept_tokens}"
+
+        def label(spec) -> str:  # a method that prunes inside the LLM: its budget is the schedule's average
+            return "unpruned" if spec.is_baseline else f"{spec.method} budget {spec.budget or spec.kept_tokens}"
+
         def on_target(spec, phase: str) -> None:
-            name = "unpruned" if spec.is_baseline else f"{spec.method} budget {spec.kept_tokens}"
+            name = label(spec)
             err.log(f"opening {name} on {backend} ({phase})")
 
         def on_config(spec, batch_size):
-            name = "unpruned" if spec.is_baseline else f"{spec.method} budget {spec.kept_tokens}"
+            name = label(spec)
             task = bar.add_task(f"{name} · batch {batch_size}", total=per_config)
 
             def tick() -> None:

@@ -97,6 +97,8 @@ def run_once(target: Target, request: Request, new_tokens: int, parts: bool = Tr
     next_ids = pipe.next_tokens(state)
     t["prefill"] = clock() - mark
     t["ttft"] = clock() - start
+    for graph in (*pipe.manifest.segment_graphs, *pipe.manifest.pruning_graphs):  # the prefill's parts
+        t[f"graph:{graph}"] = pipe.runners[graph].last_inference_time
 
     mark = clock()
     for _ in range(new_tokens - 1):  # never stops at EOS: every run does the same work
@@ -148,6 +150,12 @@ def summarize_runs(target: Target, batch: int, runs: list[dict], settings: Bench
         values = [r[name] * 1e3 for r in runs if not np.isnan(r[name])]
         timings[name] = summarize(values)
     seq_len = int(runs[0]["seq_len"])
+    segments = []
+    for segment in target.segments:
+        part = {**segment, "prefill_ms": summarize([r[f"graph:{segment['graph']}"] * 1e3 for r in runs])}
+        if segment.get("prune_before"):
+            part["pruning_ms"] = summarize([r[f"graph:{segment['prune_before']}"] * 1e3 for r in runs])
+        segments.append(part)
     return {
         "method": target.method,
         "budget": target.budget,
@@ -159,6 +167,7 @@ def summarize_runs(target: Target, batch: int, runs: list[dict], settings: Bench
         "new_tokens": settings.new_tokens,
         "export": str(target.export_dir) if target.export_dir else None,
         "timings_ms": timings,
+        "segments": segments,
         "notes": list(target.notes),
     }
 
@@ -188,6 +197,8 @@ def analyze(row: dict, info: ModelInfo, peak: DevicePeak) -> dict:
     b, s, dtype = row["batch"], row["seq_len"], info.dtype
     llm, vision = info.llm, info.vision
     context = s + row["new_tokens"] / 2  # mean context of the decode steps
+    segments = row.get("segments") or []
+    segmented = any(seg.get("image_tokens") is not None for seg in segments)
     prefill_f = analytic.prefill_flops(llm, b, s)
     prefill_b = analytic.prefill_bytes(llm, b, s, dtype)
     vision_f, vision_b = analytic.vision_flops(vision, b), analytic.vision_bytes(vision, dtype)
@@ -198,6 +209,27 @@ def analyze(row: dict, info: ModelInfo, peak: DevicePeak) -> dict:
     decode_b = analytic.decode_step_bytes(llm, b, round(context), dtype)
     row["kv_cache_bytes"] = analytic.kv_cache_bytes(llm, b, s, dtype)
     row["kv_cache_bytes_final"] = analytic.kv_cache_bytes(llm, b, s + row["new_tokens"] - 1, dtype)
+    if segmented:  # image tokens dropped between decoder segments: each segment its own length and cache
+        prefill_f = analytic.segmented_prefill_flops(llm, b, s, n, segments)
+        per_segment = analytic.segmented_kv_cache_bytes(llm, b, s, n, segments, dtype)
+        for seg, kv, length in zip(segments, per_segment, analytic.segment_lengths(s, n, segments)):
+            seg["seq_len"], seg["kv_cache_bytes"] = length, kv
+        weights = analytic.decoder_weights(llm) * analytic.DTYPE_BYTES[dtype]
+        lengths = analytic.segment_lengths(s, n, segments)
+        pruning_f = sum(analytic.llm_pruning_flops(llm, b, lengths[i - 1], segments[i - 1]["image_tokens"],
+                                                   seg["image_tokens"])
+                        for i, seg in enumerate(segments) if seg.get("prune_before"))
+        pruning_b = sum(analytic.llm_pruning_bytes(llm, b, lengths[i - 1], dtype)
+                        for i, seg in enumerate(segments) if seg.get("prune_before"))
+        prefill_f["llm_pruning"] = pruning_f
+        prefill_f["total"] += pruning_f
+        prefill_b = {"weights": weights, "kv_written": sum(per_segment), "llm_pruning": pruning_b,
+                     "total": weights + sum(per_segment) + pruning_b}
+        op_f = op_b = 0  # the image enters the LLM whole: no op in the vision graph to count
+        row["kv_cache_bytes"] = sum(per_segment)
+        row["kv_cache_bytes_final"] = sum(analytic.segmented_kv_cache_bytes(
+            llm, b, s + row["new_tokens"] - 1, n, segments, dtype))
+        decode_f, decode_b = analytic.segmented_decode_step(llm, b, round(context), n, segments, dtype)
     row["analytic"] = {
         "prefill_flops": prefill_f["total"], "prefill_flops_parts": prefill_f,
         "prefill_bytes": prefill_b["total"], "prefill_bytes_parts": prefill_b,

@@ -29,9 +29,11 @@ def _pct(value) -> str:
 
 
 def _budget(row: dict) -> str:
+    """``576 (none)`` unpruned, else the budget and the method: ``64 (fsr)``, ``64 (pio-fvlm)`` (a method that
+    prunes inside the LLM: the average its schedule was chosen for; its kept tokens are the mean per layer)."""
     if row["kept_tokens"] >= row["num_image_tokens"]:
         return f"{row['kept_tokens']} (none)"
-    return f"{row['kept_tokens']} ({row['method']})"
+    return f"{row.get('budget') or row['kept_tokens']} ({row['method']})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -73,6 +75,25 @@ def speedup_table(doc: dict) -> str:
     return _table(header, rows)
 
 
+def segment_table(doc: dict) -> str | None:
+    """Per decoder segment of the rows whose method prunes inside the LLM: layers, image tokens, prefill
+    length, the segment's prefill time and the pruning graph's before it, KV cache. None when no row
+    has segments with their own image tokens."""
+    header = ["budget", "batch", "segment", "layers", "image tokens", "prefill len", "prefill ms",
+              "pruning before ms", "KV cache MiB"]
+    rows = []
+    for r in doc["results"]:
+        for seg in r.get("segments") or []:
+            if seg.get("image_tokens") is None:
+                continue
+            first, stop = seg["layers"]
+            rows.append([_budget(r), str(r["batch"]), seg["graph"], f"{first}–{stop - 1}",
+                         str(seg["image_tokens"]), str(seg.get("seq_len", "–")), _ms(seg["prefill_ms"]),
+                         _ms(seg["pruning_ms"]) if seg.get("prune_before") else "–",
+                         f"{seg['kv_cache_bytes'] / MIB:.2f}" if "kv_cache_bytes" in seg else "–"])
+    return _table(header, rows) if rows else None
+
+
 def device_line(doc: dict) -> str:
     p, m = doc["device_peak"], doc["machine"]
     where = m.get("gpu") or f"{m.get('cpu_count')}-core CPU ({p['name']})"
@@ -89,11 +110,15 @@ def legend(doc: dict) -> str:
             "in the pipeline; ↳ tower / ↳ op = the graph cut at the pruning op (FSR, VisionZip) and each side timed "
             "alone (the roofline's op term is FSR's count). Ideal = roofline "
             "max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with the measured peaks; ratio = measured / ideal "
-            f"speedup. KV cache after prefill. Peak memory: {', '.join(kinds)}.")
+            f"speedup. KV cache after prefill. Peak memory: {', '.join(kinds)}. A method that prunes inside the LLM "
+            "keeps every image token in the vision graph and drops them between decoder segments: its budget is the "
+            "average its schedule was chosen for, its kept tokens the mean per LLM layer, and the segment table "
+            "gives each segment's prefill, the pruning graph before it and its KV cache.")
 
 
 def markdown(doc: dict) -> str:
-    return "\n\n".join([device_line(doc), timing_table(doc), speedup_table(doc), legend(doc)]) + "\n"
+    parts = [device_line(doc), timing_table(doc), speedup_table(doc), segment_table(doc), legend(doc)]
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def plot(doc: dict, path: Path) -> Path:
@@ -130,7 +155,7 @@ def plot(doc: dict, path: Path) -> Path:
         right.plot(x, [r["roofline"]["ttft_ms"] for r in rs], "o--", color=c, alpha=0.6,
                    label=f"roofline ideal, {tag}")
     for ax in (left, right):
-        ax.set_xlabel("image tokens kept (budget)")
+        ax.set_xlabel("image tokens kept (budget; inside the LLM: mean per layer)")
         ax.set_xscale("log", base=2)
         ticks = sorted({r["kept_tokens"] for r in rows})
         ax.set_xticks(ticks, [str(t) for t in ticks])

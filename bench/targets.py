@@ -89,8 +89,17 @@ def is_unpruned(manifest: Manifest) -> bool:
 
 
 def _budget(manifest: Manifest) -> int | None:
+    """The export's budget: its method's (for a method pruning inside the LLM, the average the schedule
+    was chosen for; with explicit stages, the mean image tokens per layer); None when unpruned."""
     method = get_method(manifest.method.name)
-    return None if is_unpruned(manifest) else method.budget(method.settings_from_json(manifest.method.settings))
+    if is_unpruned(manifest):
+        return None
+    budget = method.budget(method.settings_from_json(manifest.method.settings))
+    return manifest.image.kept_image_tokens if budget is None else budget
+
+
+def _segments(manifest: Manifest) -> list[dict]:
+    return [dataclasses.asdict(s) for s in manifest.decoder_segments]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -108,6 +117,8 @@ class Target:
     op: object | None  # Runner: the op alone (None when unpruned or not measurable)
     export_dir: Path | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: the manifest's decoder segments (graph, layers, prune_before, image_tokens)
+    segments: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def unpruned(self) -> bool:
@@ -148,7 +159,7 @@ def _method_label(manifest: Manifest) -> str:
 
 def _target(pipe: Pipeline, manifest: Manifest, backend: str, tower, op, export_dir, notes) -> Target:
     return Target(_method_label(manifest), _budget(manifest), manifest.image.kept_image_tokens,
-                  manifest.image.num_image_tokens, backend, pipe, tower, op, export_dir, notes)
+                  manifest.image.num_image_tokens, backend, pipe, tower, op, export_dir, notes, _segments(manifest))
 
 
 def open_export(export_dir: Path, backend: str, workdir: Path, *, device: str | None = None,
@@ -167,8 +178,8 @@ def open_export(export_dir: Path, backend: str, workdir: Path, *, device: str | 
     tower = op = None
     if not with_parts:
         pass
-    elif is_unpruned(manifest):
-        tower = pipe.runners["vision"]
+    elif is_unpruned(manifest) or method.prunes_in == "llm":
+        tower = pipe.runners["vision"]  # a method that prunes inside the LLM: its graphs are timed per segment
     elif pipe.spec.host_pruning:  # the vision graph is the tower; the op runs in prune graphs, inside "vision"
         tower = pipe.runners["vision"]
         notes.append("pruning op: its prune graphs run per crop inside the vision step (not timed apart)")
@@ -204,7 +215,7 @@ def open_model(loaded, manifest: Manifest, *, device: str | None = None, method_
     pipe = Pipeline.from_backend(backend, loaded.processor, clip_tokenizer=loaded.clip_tokenizer)
     tower = op = None
     notes: list[str] = []
-    if with_parts and is_unpruned(manifest):
+    if with_parts and (is_unpruned(manifest) or get_method(manifest.method.name).prunes_in == "llm"):
         tower = pipe.runners["vision"]
     elif with_parts:
         tower = backend.runner("vision_tower").activate()
@@ -226,7 +237,8 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
         raise BenchError("the export folders hold different models (source, dtype or LLM dims differ); "
                          "speedups are only meaningful between exports of one model: pass one model's exports")
     n_image = found[0][1].image.num_image_tokens
-    # one target per (method, kept tokens): exports of several methods at one budget are measured side by side
+    # one target per (method, budget): exports of several methods at one budget are measured side by side (the
+    # budget of a method that prunes inside the LLM: the average its schedule was chosen for, `_budget`)
     by_key: dict[tuple[str, int], tuple[Path, Manifest]] = {}
     for d, m in found:
         method = get_method(m.method.name)
@@ -235,7 +247,7 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
             raise BenchError(f"{d} ({method.describe(method.settings_from_json(m.method.settings), n_image)}) hands "
                              f"the LLM {m.image.kept_image_tokens} image tokens, no fewer than the unpruned model's "
                              f"{n_image}: there is no speedup to measure; export it with a budget below {n_image}")
-        key = (_method_label(m), min(m.image.kept_image_tokens, n_image))
+        key = (_method_label(m), n_image if is_unpruned(m) else min(_budget(m), n_image))
         if key in by_key and not get_method(by_key[key][1].method.name).prunes \
                 and get_method(m.method.name).prunes:
             continue  # an identity pruning export and the unpruned one: keep the unpruned one
@@ -259,7 +271,7 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
     specs = []
     for key in keys:
         d, m = by_key[key]
-        specs.append(TargetSpec(_method_label(m), _budget(m), key[1], n_image, d,
+        specs.append(TargetSpec(_method_label(m), _budget(m), min(m.image.kept_image_tokens, n_image), n_image, d,
                                 _opener(open_export, d, backend, workdir, device=device, method_form=method_form,
                                         backend_options=backend_options),
                                 {"path": str(d), "given": True}))
@@ -466,7 +478,7 @@ def targets_from_preset(preset: str, budgets: list[int], backend: str, workdir: 
         record = {"budget": b, "method": settings.method, "path": None, "reused": False,
                   "seconds": built if not records else 0.0, "note": "model built in memory (torch backend)"}
         records.append(record)
-        specs.append(TargetSpec(settings.method, settings.budget, b, n_image, None,
+        specs.append(TargetSpec(settings.method, settings.budget, manifest.image.kept_image_tokens, n_image, None,
                                 _opener(open_model, loaded, manifest, device=device, method_form=method_form),
                                 record))
     return specs, info, records

@@ -11,7 +11,8 @@ iteration, a valid Polygraphy data loader) built from real data where it matters
 - ``embed``: the chat-formatted prompts, left padded to one batch;
 - ``prune_b<K>`` (multi-crop families): the vision outputs of a sample's crops as rows;
 - decoder segments: random embeddings and KV caches with past length > 0, a prefill
-  chunk with left padding (batch 2) and a one-token decode step (batch 1).
+  chunk with left padding (batch 2) and a one-token decode step (batch 1);
+- pruning graphs between segments: random hidden states with an image span, left padding.
 
 All float inputs are cast to the export's dtype (fp16 for an fp16 export).
 """
@@ -108,6 +109,33 @@ def prune_feeds(pipe, manifest: Manifest, graph: str, samples) -> list[OrderedDi
             OrderedDict((name, _cast(outputs[name][-1:, :half], spec)) for name, spec in specs.items())]
 
 
+def pruning_feeds(pipe, manifest: Manifest, graph: str, seed: int = 0) -> list[OrderedDict]:
+    """A pruning graph between decoder segments: random hidden states at the embeddings' scale with
+    an image span of the graph's image tokens, text before and after it (the supervised positions
+    fall on text), a batch of 2 with left padding and the spans at different places, then batch 1."""
+    index = next(i for i, s in enumerate(manifest.decoder_segments) if s.prune_before == graph)
+    n = manifest.decoder_segments[index - 1].image_tokens
+    specs = {i.name: i for i in manifest.graph(graph).inputs}
+    rng = np.random.RandomState(seed)
+    scale = float(pipe.embedding.embed.weight.detach().float().numpy().std()) or 1.0
+    feeds = []
+    for rows in (((5, 12, 0), (3, 9, 5)), ((7, 20, 0),)):  # (text before, text after, left padding) per row
+        width = max(before + n + after + pad for before, after, pad in rows)
+        mask = np.zeros((len(rows), width), np.int64)
+        starts = []
+        for b, (before, after, pad) in enumerate(rows):
+            pad = width - (before + n + after)
+            mask[b, pad:] = 1
+            starts.append(pad + before)
+        positions = np.cumsum(mask, axis=1) - 1
+        positions[mask == 0] = 1
+        hidden = rng.randn(len(rows), width, manifest.llm.hidden_size).astype(np.float32) * scale
+        values = {"hidden_states": hidden, "attention_mask": mask, "position_ids": positions,
+                  "image_start": np.asarray(starts, np.int64)}
+        feeds.append(OrderedDict((name, _cast(values[name], spec)) for name, spec in specs.items()))
+    return feeds
+
+
 def graph_feeds(pipe, manifest: Manifest, graph: str, samples, seed: int = 0) -> list[OrderedDict]:
     """The feed dicts for one graph of the export."""
     if graph == "vision":
@@ -118,6 +146,8 @@ def graph_feeds(pipe, manifest: Manifest, graph: str, samples, seed: int = 0) ->
         return embed_feeds(pipe, manifest, samples)
     if graph in manifest.segment_graphs:
         return decoder_feeds(pipe, manifest, graph, seed)
+    if graph in manifest.pruning_graphs:
+        return pruning_feeds(pipe, manifest, graph, seed)
     if manifest.graph(graph).inputs and manifest.graph(graph).inputs[0].name == "tokens":
         return prune_feeds(pipe, manifest, graph, samples)
     raise ValueError(f"no inputs known for graph {graph!r}")

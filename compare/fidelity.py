@@ -22,6 +22,13 @@ two next-token probabilities per step (median, smallest, largest). A near-flat d
 (gaps of a few hundredths, as with random weights) makes any change of the input flip the
 top-1 token, so agreement figures then say little about a method.
 
+A method that prunes inside the LLM (``prunes_in == "llm"``, PIO-FVLM) gets the whole image
+and prunes between the LLM's layers with its readable reference
+(`PruningMethod.reference_step_logits`); its ``kept_tokens`` is the mean number of image
+tokens per LLM layer, so its rows sit beside the vision-side methods' at equal average
+budget. A method that cannot run on the model (an LLM too shallow for its schedule) or at a
+budget (no schedule for it) is listed under ``skipped`` with the reason.
+
 Methods are the registry's pruning methods with a readable reference
 (`fsr.pruning.methods`: FSR and the training-free baselines ``saliency-topk``,
 ``uniform``, ``random``): the export's own method runs with the manifest's settings, the
@@ -41,7 +48,10 @@ import numpy as np
 import torch
 
 from fsr.compare.errors import CompareError
-from fsr.compare.teacher import greedy, kl_divergence, log_softmax, prefix_embeds, prompt_rows, step_logits
+from fsr.compare.teacher import (
+    greedy, kl_divergence, log_softmax, prefix_embeds, prompt_rows, pruned_step_logits, step_logits,
+)
+from fsr.errors import FsrError
 from fsr.manifest import Manifest
 from fsr.pruning.methods import BEFORE_PROJECTOR, PruningMethod, methods as all_methods
 
@@ -90,6 +100,7 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
     if budgets is None:
         budgets = (manifest.image.num_image_tokens, *DEFAULT_BUDGETS)
     registry = available_methods()
+    methods_given = bool(methods)
     methods = list(methods or registry)
     unknown = [m for m in methods if m not in registry]
     if unknown:
@@ -97,6 +108,17 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
     relevance = pipe.relevance or pipe.spec.relevance_info(pipe.loaded, "auto").source
     chosen = {m: registry[m] for m in methods}
     settings = {m: method_settings(method, manifest) for m, method in chosen.items()}
+    skipped: dict[str, str] = {}
+    num_layers, n_image = manifest.llm.num_layers, manifest.image.num_image_tokens
+    for m in list(chosen):  # a method that cannot run on this model (an LLM too shallow for its schedule)
+        try:
+            chosen[m].check_model(settings[m], num_layers=num_layers, num_image_tokens=n_image)
+        except FsrError as exc:
+            if methods_given:
+                raise CompareError(f"pruning method {m!r} cannot run on this model: {exc}") from exc
+            skipped[m] = str(exc)
+            del chosen[m], settings[m]
+    methods = list(chosen)
     needed = ("tokens",) + tuple(n for m, method in chosen.items() for n in method.inputs(settings[m], True))
     tower = pipe.tower(tuple(dict.fromkeys(needed)), relevance)
     projector = pipe.spec.projector(pipe.loaded)
@@ -123,14 +145,24 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
             margins.append(top2[:, 1] - top2[:, 0])
         for name, method in chosen.items():
             for budget in budgets:
-                pruned, _ = method.reference(method.with_budget(settings[name], budget))(outs)
+                at_budget = method.with_budget(settings[name], budget)
+                pruned, _ = method.reference(at_budget)(outs)
                 if method.placement == BEFORE_PROJECTOR:
                     pruned = projector(pruned)
-                logits = step_logits(pipe, prefix_embeds(pipe, row, pruned[0]), sequence)
+                if method.prunes_in == "llm":  # the image enters whole; the method prunes between layers
+                    try:
+                        logits = pruned_step_logits(pipe, method, at_budget, row, pruned[0], sequence)
+                    except FsrError as exc:
+                        skipped[f"{name} at budget {budget}"] = str(exc)
+                        continue
+                    kept = method.kept_tokens(at_budget, num_tokens, num_layers)
+                else:
+                    logits = step_logits(pipe, prefix_embeds(pipe, row, pruned[0]), sequence)
+                    kept = int(pruned.shape[1])
                 top1 = logits.argmax(-1)
                 kl = kl_divergence(reference, logits)
                 per[(name, budget)].append({
-                    "sample": sample.label, "steps": len(sequence), "kept_tokens": int(pruned.shape[1]),
+                    "sample": sample.label, "steps": len(sequence), "kept_tokens": kept,
                     "first_token_agrees": bool(top1[0] == ref_top1[0]),
                     "top1_agreement": float((top1 == ref_top1).mean()),
                     "top1_matches": int((top1 == ref_top1).sum()),
@@ -138,6 +170,8 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
                 })
     out_rows = []
     for (method, budget), items in per.items():
+        if not items:
+            continue
         steps = sum(i["steps"] for i in items)
         identity = chosen[method].is_identity(chosen[method].with_budget(settings[method], budget), num_tokens)
         out_rows.append(FidelityRow(
@@ -155,6 +189,7 @@ def pruning_fidelity(pipe, manifest: Manifest, samples, budgets=None, *, methods
         "max_new_tokens": max_new_tokens,
         "budgets": list(budgets),
         "methods": methods,
+        "skipped": skipped,
         "unpruned_sequences": sequences,
         "unpruned_margin": _margin_summary(margins),
         "rows": out_rows,

@@ -190,7 +190,7 @@ def _judge_kept(result: GraphResult, reference, manifest, feed, ref_kept, got_ke
     """Explain differing kept_indices rows; record the verdict. Returns the rows excused as near-ties."""
     pipe = reference() if callable(reference) else reference
     same_shape = np.shape(ref_kept) == np.shape(got_kept)
-    verdicts = explain_kept(pipe, manifest, feed, ref_kept, got_kept, tol) if same_shape else []
+    verdicts = explain_kept(pipe, manifest, feed, ref_kept, got_kept, tol, graph=result.graph) if same_shape else []
     differing = int((np.asarray(ref_kept) != np.asarray(got_kept)).any(axis=-1).sum()) if same_shape else -1
     all_ties = same_shape and bool(verdicts) and all(v.near_tie for v in verdicts)
     result.near_ties.extend({"iteration": iteration, **v.to_json()} for v in verdicts)

@@ -1,5 +1,6 @@
 """Is a differing ``kept_indices`` row a near-tie, or a real mismatch? (FSR below; VisionZip's
-analysis is at the end: its kept rows follow from one top-k of the [CLS] attention.)
+and PIO-FVLM's analyses are at the end: VisionZip's kept rows follow from one top-k of the [CLS]
+attention, PIO-FVLM's from its NMS replayed on the reference's saliency.)
 
 FocusScanRefine makes discrete choices (a sort, a threshold, a greedy argmax). Two
 back ends whose inputs differ in the last bits can take a different branch wherever
@@ -118,9 +119,9 @@ def explain_row(phi: torch.Tensor, features: torch.Tensor, reference_kept: list[
 
 
 def explain_kept(reference_model, manifest: Manifest, feed: dict, reference_kept, other_kept,
-                 tol: float) -> list[TieVerdict]:
-    """Verdicts for every batch row where the kept indices differ. The export's method says how
-    its decisions are replayed (``near_tie_analysis``); a method without one gets mismatches."""
+                 tol: float, graph: str = "vision") -> list[TieVerdict]:
+    """Verdicts for every batch row where the kept indices of ``graph`` differ. The export's method
+    says how its decisions are replayed (``near_tie_analysis``); a method without one gets mismatches."""
     rows = [b for b in range(len(reference_kept)) if not np.array_equal(reference_kept[b], other_kept[b])]
     if not rows:
         return []
@@ -129,11 +130,11 @@ def explain_kept(reference_model, manifest: Manifest, feed: dict, reference_kept
     if analysis is None:
         return [TieVerdict(b, False, "size", detail=f"method {method.name!r} has no near-tie analysis; a differing "
                                                     "kept set counts as a mismatch") for b in rows]
-    return analysis(reference_model, manifest, feed, reference_kept, other_kept, tol, rows)
+    return analysis(reference_model, manifest, feed, reference_kept, other_kept, tol, rows, graph)
 
 
 def _focus_scan_refine(pipe, manifest: Manifest, feed: dict, reference_kept, other_kept, tol: float,
-                       rows: list[int]) -> list[TieVerdict]:
+                       rows: list[int], graph: str = "vision") -> list[TieVerdict]:
     """FSR: φ and the features recomputed from ``feed`` with the reference's vision tower."""
     settings = get_method(manifest.method.name).settings_from_json(manifest.method.settings)
     relevance = manifest.relevance.source
@@ -149,7 +150,7 @@ def _focus_scan_refine(pipe, manifest: Manifest, feed: dict, reference_kept, oth
 
 
 def _visionzip(pipe, manifest: Manifest, feed: dict, reference_kept, other_kept, tol: float,
-               rows: list[int]) -> list[TieVerdict]:
+               rows: list[int], graph: str = "vision") -> list[TieVerdict]:
     """VisionZip: its kept rows follow from the dominant set, the top of the reference's [CLS]
     attention (recomputed from ``feed`` with the reference's tower); see `explain_visionzip_kept`."""
     from fsr.pruning.visionzip import explain_visionzip_kept
@@ -169,5 +170,66 @@ def _visionzip(pipe, manifest: Manifest, feed: dict, reference_kept, other_kept,
     return verdicts
 
 
+def explain_nms_row(saliency: torch.Tensor, features: torch.Tensor, reference_kept: list[int], other_kept: list[int],
+                    *, tau: float, tol: float, row: int = 0) -> TieVerdict:
+    """A gradient-ordered NMS (PIO-FVLM, spec section 6) that kept ``other_kept`` instead of
+    ``reference_kept``: replay the reference's walk (descending ``saliency``, ties to the lower
+    index; strict pass with suppression by ``cosine >= tau``, then the fill pass) and, at the first
+    token the reference takes that the other did not keep, compare it with the other's best
+    candidate at that step. Within ``tol`` of the span's largest saliency: a near-tie."""
+    ref, other = set(reference_kept), set(other_kept)
+    if ref == other:
+        return TieVerdict(row, True, "equal", detail="same kept set")
+    if len(other) != len(other_kept) or len(other) != len(ref):
+        return TieVerdict(row, False, "size", detail=f"expected {len(ref)} distinct indices, got {len(other)} "
+                                                     f"distinct of {len(other_kept)}")
+    values = saliency.double().tolist()
+    scale = max(abs(v) for v in values) or 1.0
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    unit = torch.nn.functional.normalize(features.float(), dim=-1, eps=1e-12)
+    neighbours = ((unit @ unit.T) >= tau).tolist()
+    taken: list[int] = []
+    suppressed = [False] * len(values)
+    for stage in ("strict", "fill"):
+        for i in order:
+            if len(taken) == len(ref) or i in taken or (stage == "strict" and suppressed[i]):
+                continue
+            if i not in other:
+                candidates = [j for j in other if j not in taken and (stage == "fill" or not suppressed[j])]
+                alt = max(candidates, key=lambda j: (values[j], -j)) if candidates else None
+                gap = float("inf") if alt is None else abs(values[i] - values[alt]) / scale
+                verdict = alt is not None and gap <= tol
+                return TieVerdict(row, verdict, f"nms-{stage}", len(taken), i, alt, gap,
+                                  f"saliency: reference took {i}, the other back end kept {alt} instead "
+                                  f"(gap {gap:.3g} of the largest saliency; tolerance {tol:g})")
+            taken.append(i)
+            if stage == "strict":
+                suppressed = [s or n for s, n in zip(suppressed, neighbours[i])]
+    return TieVerdict(row, True, "equal", detail="same kept set")
+
+
+def _pio_nms(pipe, manifest: Manifest, feed: dict, reference_kept, other_kept, tol: float, rows: list[int],
+             graph: str = "vision") -> list[TieVerdict]:
+    """PIO-FVLM's pruning graph: the reference's saliency (autograd, each row alone) and span
+    features recomputed from ``feed``; other graphs have no near-tie analysis (mismatches)."""
+    from fsr.models.spec import REFERENCE
+
+    if graph not in manifest.pruning_graphs or "hidden_states" not in feed:
+        return [TieVerdict(b, False, "size", detail=f"no near-tie analysis of PIO-FVLM's kept indices for {graph!r}")
+                for b in rows]
+    module = pipe.spec.graph(pipe.loaded, manifest, graph, form=REFERENCE).module
+    settings = get_method(manifest.method.name).settings_from_json(manifest.method.settings)
+    inputs = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in
+              ("hidden_states", "attention_mask", "position_ids", "image_start")]
+    inputs[0] = inputs[0].float()
+    with torch.no_grad():
+        saliency = module(*inputs)[4]
+    n = saliency.shape[1]
+    span = inputs[3][:, None] + torch.arange(n)[None]
+    features = torch.gather(inputs[0], 1, span[:, :, None].expand(-1, -1, inputs[0].shape[-1]))
+    return [explain_nms_row(saliency[b], features[b], [int(x) for x in reference_kept[b]],
+                            [int(x) for x in other_kept[b]], tau=settings.tau, tol=tol, row=b) for b in rows]
+
+
 #: ``PruningMethod.near_tie_analysis`` -> how a differing kept set of that method is explained.
-ANALYSES = {"focus-scan-refine": _focus_scan_refine, "visionzip": _visionzip}
+ANALYSES = {"focus-scan-refine": _focus_scan_refine, "visionzip": _visionzip, "pio-nms": _pio_nms}

@@ -52,6 +52,25 @@ def step_logits(pipe, prefix: torch.Tensor, continuation: list[int]) -> np.ndarr
     return logits[0, start:start + len(continuation)].double().numpy()
 
 
+@torch.no_grad()
+def pruned_step_logits(pipe, method, settings, row: list[int], image_embeds: torch.Tensor,
+                       continuation: list[int]) -> np.ndarray:
+    """`step_logits` of a method that prunes inside the LLM: the prompt with all of ``image_embeds``,
+    the method's readable reference pruning between the LLM's layers
+    (`PruningMethod.reference_step_logits`), teacher-forced on ``continuation``. [T, V] float64."""
+    if not continuation:
+        return np.zeros((0, pipe.manifest.llm.vocab_size))
+    inputs = pipe.assemble([row], ImageFeatures([[image_embeds.detach().cpu().numpy()]]))
+    (span,), = inputs.image_spans
+    lm, head = pipe.spec.language_model(pipe.loaded)
+    logits = method.reference_step_logits(settings, language_model=lm, lm_head=head, embed_tokens=pipe.embedding,
+                                          inputs_embeds=torch.from_numpy(inputs.inputs_embeds[0]), image_span=span,
+                                          continuation=continuation)
+    if logits is None:  # nothing to prune at this budget
+        return step_logits(pipe, torch.from_numpy(inputs.inputs_embeds), continuation)
+    return logits.double().numpy()
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

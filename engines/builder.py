@@ -188,7 +188,8 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
 
 
 def _limit_warnings(manifest: Manifest, settings: BuildSettings) -> list[str]:
-    image_tokens = manifest.image.kept_image_tokens
+    image_tokens = max([manifest.image.kept_image_tokens,
+                        *(s.image_tokens for s in manifest.decoder_segments if s.image_tokens is not None)])
     if manifest.decoder_segments and settings.max_seq <= image_tokens:
         return [f"--max-seq {settings.max_seq} leaves no room for a prompt: the export gives the LLM "
                 f"{image_tokens} image tokens; these engines cannot run a generation (use --max-seq > "

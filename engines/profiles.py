@@ -81,18 +81,37 @@ def check_limits(max_batch: int, max_seq: int) -> None:
         raise ProfileError(f"--max-seq must be >= 2 (got {max_seq}): a prompt token plus one generated token")
 
 
-def typical_sequence(manifest: Manifest, max_seq: int) -> int:
-    image_tokens = manifest.image.kept_image_tokens
+def graph_image_tokens(manifest: Manifest, graph: str) -> int:
+    """Image tokens per image in ``graph``'s sequences: a decoder segment's own (a method that prunes
+    inside the LLM gives each segment its count), a pruning graph's input (the segment before it),
+    else the export's kept image tokens."""
+    segments = manifest.decoder_segments
+    for index, segment in enumerate(segments):
+        if segment.graph == graph and segment.image_tokens is not None:
+            return segment.image_tokens
+        if segment.prune_before == graph and index and segments[index - 1].image_tokens is not None:
+            return segments[index - 1].image_tokens
+    return manifest.image.kept_image_tokens
+
+
+def typical_sequence(manifest: Manifest, max_seq: int, graph: str | None = None) -> int:
+    image_tokens = manifest.image.kept_image_tokens if graph is None else graph_image_tokens(manifest, graph)
     return max(1, min(max_seq, image_tokens + TYPICAL_TEXT_TOKENS))
 
 
 def graph_profiles(manifest: Manifest, graph: str, max_batch: int, max_seq: int) -> list[Profile]:
-    """The profiles of ``graph`` (a graph of the manifest) for these limits."""
+    """The profiles of ``graph`` (a graph of the manifest) for these limits. A pruning graph's
+    sequence holds at least its image tokens and two more (the graph's own minimum)."""
     check_limits(max_batch, max_seq)
     entry = manifest.graph(graph)
-    s = typical_sequence(manifest, max_seq)
+    s = typical_sequence(manifest, max_seq, graph)
     p = min(max_seq - 1, s)
-    prefill = {"batch": (1, 1, max_batch), "sequence": (1, s, max_seq),
+    shortest = graph_image_tokens(manifest, graph) + 2 if graph in manifest.pruning_graphs else 1
+    if shortest > max_seq:
+        raise ProfileError(f"graph {graph!r} needs sequences of at least {shortest} tokens (its image tokens and "
+                           f"two more); --max-seq {max_seq} is shorter: raise it")
+    s = max(s, shortest)
+    prefill = {"batch": (1, 1, max_batch), "sequence": (shortest, s, max_seq),
                "past_sequence": (0, 0, 0), "total_sequence": (1, s, max_seq)}
     decode = {"batch": (1, 1, max_batch), "sequence": (1, 1, 1),
               "past_sequence": (0, p, max_seq - 1), "total_sequence": (1, p + 1, max_seq)}

@@ -47,7 +47,7 @@ def method_options() -> dict[str, tuple[SettingField, list[str]]]:
                 continue
             if field.name in out:
                 known, users = out[field.name]
-                if known.type != field.type:
+                if known.base_type != field.base_type:  # int and int | None: one option
                     raise TypeError(f"option --{field.name} has two types ({known.type}, {field.type})")
                 users.append(method.name)
             else:
@@ -58,7 +58,8 @@ def method_options() -> dict[str, tuple[SettingField, list[str]]]:
 def _option_parameter(field: SettingField, users: list[str]) -> inspect.Parameter:
     choices = f" ({' | '.join(map(str, field.info.choices))})" if field.info.choices else ""
     text = f"{field.info.help}{choices} (method {', '.join(users)}; default {field.default})"
-    annotation = Optional[field.type] if field.type in (int, float, str, bool) else Optional[str]
+    base = field.base_type
+    annotation = Optional[base] if base in (int, float, str, bool) else Optional[str]
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                              default=typer.Option(None, field.flag, help=text, show_default=False))
 

@@ -36,6 +36,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from fsr.errors import FsrError
+from fsr.export.share import SHARED_INDEX, referenced_files, share_weights
 from fsr.export.trace import trace_to_onnx
 from fsr.files import OutputFolder
 from fsr.graph_passes import finalize
@@ -114,15 +115,33 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
     config = loaded.config
     llm, vision = spec.llm_dims(config), spec.vision_dims(config)
     n_image = spec.num_image_tokens(config)
-    bounds = [0, *settings.decoder_splits, llm.num_layers]
+    entering = method.vision_tokens(settings.method_settings, n_image)
+    try:
+        stages = {st.layer: st for st in method.llm_stages(settings.method_settings, num_layers=llm.num_layers,
+                                                           num_visual=entering)}
+    except FsrError as exc:
+        raise ExportConfigError(str(exc)) from exc
+    if stages and spec.host_pruning:
+        raise ExportConfigError(
+            f"the {spec.name} family gives each image a variable number of tokens (crops gathered on the host); "
+            f"method {method.name!r} prunes inside the LLM with a fixed token count per stage and cannot be "
+            "exported for it; choose a method that prunes in the vision graph")
+    splits = sorted({*settings.decoder_splits, *stages})
+    bounds = [0, *splits, llm.num_layers]
     if bounds != sorted(set(bounds)):
         raise ExportConfigError(f"decoder_splits {list(settings.decoder_splits)} must lie inside the LLM's "
                                 f"{llm.num_layers} layers")
-    segments = [DecoderSegment("decoder" if len(bounds) == 2 else f"decoder_{s}", [a, b])
-                for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    segments, tokens = [], entering
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        stage = stages.get(a)
+        tokens = stage.keep if stage else tokens
+        segments.append(DecoderSegment("decoder" if len(bounds) == 2 else f"decoder_{s}", [a, b],
+                                       prune_before=stage.graph if stage else None,
+                                       image_tokens=tokens if stages else None))
     relevance = spec.relevance_info(loaded, method.relevance_mode(settings.method_settings))
     names = ["vision", "embed"] + (["text_encoder"] if relevance.source == CLIP_RELEVANCE else [])
-    names += [s.graph for s in segments]
+    for segment in segments:
+        names += [segment.prune_before, segment.graph] if segment.prune_before else [segment.graph]
     manifest = Manifest(
         family=spec.name,
         model=ModelInfo(loaded.source, loaded.path, loaded.preset, config.model_type, loaded.random_weights),
@@ -131,7 +150,8 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
         dtype=settings.dtype,
         llm=llm,
         vision=vision,
-        image=ImageInfo(spec.image_token_id(config), n_image, method.kept_tokens(settings.method_settings, n_image)),
+        image=ImageInfo(spec.image_token_id(config), n_image,
+                        method.kept_tokens(settings.method_settings, n_image, llm.num_layers)),
         relevance=relevance,
         decoder_segments=segments,
         graphs={name: GraphEntry([], [], []) for name in names},
@@ -184,12 +204,17 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
         progress(_step(graph))
         paths[graph.name] = trace_graph(graph, root)
 
+    progress("sharing the weights several graphs hold (one copy on disk)")
+    parameters = ((name, p.detach().cpu().numpy()) for name, p in loaded.model.named_parameters())
+    shared = share_weights(root, paths, parameters)
+
     progress("checking every graph (onnx.checker, full)")
     for path in paths.values():
         onnx.checker.check_model(str(path), full_check=True)
 
     progress("writing manifest.json")
-    manifest.graphs = {name: graph_entry(path, root) for name, path in paths.items()}
+    manifest.graphs = {name: graph_entry(path, root, shared_index=shared is not None and name in shared["graphs"])
+                       for name, path in paths.items()}
     manifest.source = SourceInfo(SOURCE_DIR, hash_folder(root, SOURCE_DIR))
     write_manifest(root, manifest)
 
@@ -200,6 +225,8 @@ def _step(graph: GraphSpec) -> str:
         return f"tracing the {graph.name} graph (LLM layers {first}..{last}, prefill + decode)"
     if graph.role == "prune":
         return f"tracing the {graph.name} graph (the pruning op alone, per gathered row)"
+    if graph.role == "pruning":
+        return f"tracing the {graph.name} graph (pruning between decoder segments)"
     what = {"vision": "vision", "embed": "token-embedding", "text_encoder": "CLIP text-encoder"}[graph.role]
     return f"tracing the {what} graph"
 
@@ -209,7 +236,10 @@ def trace_graph(graph: GraphSpec, root: Path) -> Path:
     method that runs before the projector, the projector after it)."""
     path = root / f"{graph.name}.onnx"
     trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
-                  output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes)
+                  output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes,
+                  custom_translation_table=graph.translation_table() if graph.translation_table else None)
+    if graph.finish is not None:
+        save_onnx(graph.finish(onnx.load(path)), path)
     if graph.attach is not None:
         model = finalize(graph.attach(gs.import_onnx(onnx.load(path))))
         if graph.projector is not None:
@@ -251,11 +281,12 @@ def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.Mode
     return finalize(merged_graph)
 
 
-def graph_entry(path: Path, root: Path) -> GraphEntry:
-    """Inputs, outputs, files and hashes of one written graph (its external data after it)."""
+def graph_entry(path: Path, root: Path, shared_index: bool = False) -> GraphEntry:
+    """Inputs, outputs, files and hashes of one written graph: the graph, its external data files
+    (its own, the shared weights) and, when it holds shared weights, their index."""
     model = onnx.load(path, load_external_data=False)
-    data = path.with_name(path.name + ".data")
-    files: list[FileRecord] = [file_record(root, p) for p in [path, data] if p.is_file()]
+    extra = [path.parent / f for f in referenced_files(path)] + ([root / SHARED_INDEX] if shared_index else [])
+    files: list[FileRecord] = [file_record(root, p) for p in [path, *extra] if p.is_file()]
     return GraphEntry(files, [_tensor(v) for v in model.graph.input], [_tensor(v) for v in model.graph.output])
 
 

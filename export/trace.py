@@ -28,11 +28,13 @@ def trace_to_onnx(
     input_names: list[str],
     output_names: list[str],
     dynamic_shapes,
+    custom_translation_table: dict | None = None,
 ) -> list[Path]:
     """Trace ``module`` into ``path`` (IR ``IR_VERSION``); returns the files written.
 
     A graph whose weights pass 2 GB is written with external data in one
-    ``<name>.onnx.data`` file beside it.
+    ``<name>.onnx.data`` file beside it. ``custom_translation_table`` maps custom torch ops to
+    their ONNX translations (``torch.onnx.export``'s argument).
     """
     name = path.stem
     module.eval()
@@ -44,7 +46,7 @@ def trace_to_onnx(
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
                 input_names=input_names, output_names=output_names, verbose=False,
-                optimize=True, report=False,
+                optimize=True, report=False, custom_translation_table=custom_translation_table,
             )
     except Exception as exc:  # the exporter raises many types; name the graph
         raise ExportError(f"tracing the {name!r} graph to ONNX failed: {exc}") from exc

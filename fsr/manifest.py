@@ -105,11 +105,14 @@ class DecoderSegment:
     """LLM layers ``[layers[0], layers[1])`` in one graph. ``prune_before`` names a pruning
     graph that runs on the hidden states before this segment (a method that prunes inside the
     LLM); the method's runtime hook runs it and gives this segment its own KV length and
-    position offset."""
+    position offset. ``image_tokens``: image tokens per image this segment sees (set when a
+    method prunes inside the LLM; the pruning graph before it keeps that many of the previous
+    segment's)."""
 
     graph: str
     layers: list[int]
     prune_before: str | None = None
+    image_tokens: int | None = None
 
 
 @dataclasses.dataclass
@@ -157,7 +160,9 @@ class ModelInfo:
 class ImageInfo:
     image_token_id: int
     num_image_tokens: int  # image tokens the LLM sees per image without pruning (at most)
-    kept_image_tokens: int  # ... with this export's pruning (at most)
+    #: ... with this export's pruning (at most; a method that prunes inside the LLM: the mean over the
+    #: LLM's layers, rounded; each decoder segment's count is its ``image_tokens``)
+    kept_image_tokens: int
 
 
 @dataclasses.dataclass
@@ -257,6 +262,11 @@ class Manifest:
     def segment_graphs(self) -> list[str]:
         return [s.graph for s in self.decoder_segments]
 
+    @property
+    def pruning_graphs(self) -> list[str]:
+        """The graphs that prune between decoder segments (``prune_before``), in order."""
+        return [s.prune_before for s in self.decoder_segments if s.prune_before]
+
     # -- JSON -------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
@@ -289,6 +299,9 @@ class Manifest:
                 raise ManifestError(f"{where}: decoder segment {s.graph!r} is not among the graphs; export again")
             if len(s.layers) != 2 or not 0 <= s.layers[0] < s.layers[1]:
                 raise ManifestError(f"{where}: decoder segment {s.graph!r} has layers {s.layers}; export again")
+            if s.prune_before is not None and s.prune_before not in self.graphs:
+                raise ManifestError(f"{where}: decoder segment {s.graph!r} is pruned by {s.prune_before!r}, which is "
+                                    "not among the graphs; export again")
         for rel in self.paths():
             check_relative(rel, where)
 

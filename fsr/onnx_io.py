@@ -20,6 +20,8 @@ import onnx
 OPSET = 18
 IR_VERSION = 10
 TWO_GB = 2**31 - 1
+#: weights several graphs of an export hold, written once (``fsr.export.share``), and their index
+SHARED_WEIGHTS_DATA, SHARED_WEIGHTS_INDEX = "shared_weights.data", "shared_weights.json"
 
 
 @contextlib.contextmanager

@@ -71,6 +71,11 @@ class SettingField:
     def flag(self) -> str:
         return self.info.flag or "--" + self.name.replace("_", "-")
 
+    @property
+    def base_type(self):
+        """The type without ``None`` (``int | None`` -> int)."""
+        return _base_type(self.type)
+
 
 def _base_type(tp):
     """``int | None`` -> int; other annotations unchanged."""

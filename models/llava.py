@@ -8,7 +8,9 @@ positions. Instruction relevance comes from a CLIP text tower saved beside the m
 (``source/clip``) when there is one.
 
 Presets (random weights from a seed, real LLaVA-1.5 geometry): ``tiny`` (tests, CI),
-``small`` (CPU benchmarks), ``llava-1.5-7b`` (the real 7B dimensions, for GPUs). They come
+``tiny-deep`` (16 LLM layers: tests of pruning inside the LLM at PIO-FVLM's layers 1, 10, 15),
+``small`` (CPU benchmarks), ``small-deep`` (32 LLM layers like the 7B, small widths: CPU
+benchmarks of pruning inside the LLM), ``llava-1.5-7b`` (the real 7B dimensions, for GPUs). They come
 with a byte-level tokenizer built in code (``tokenizer.py``) with the LLaVA chat template.
 """
 
@@ -29,6 +31,9 @@ from fsr.models.parts import VisionTower
 from fsr.models.registry import ModelError, register_family, resolve_model_path
 from fsr.models.spec import CLIP_RELEVANCE, LoadedModel, ModelSpec
 from fsr.models.tokenizer import IMAGE, build_byte_tokenizer
+from fsr.pruning.pio_schedule import VE_LOCAL_LAYER
+
+VE_TOWER_LAYERS = 24  # CLIP ViT-L/14-336, where upstream PIO-FVLM picks its encoder-side layers
 
 CLIP_SUBFOLDER = "clip"  # CLIP model (text tower + projections) saved beside a preset / in source/
 CLIP_MAX_TOKENS = 77  # CLIP's text context
@@ -57,6 +62,9 @@ class Preset:
     patch_size: int = 14
     max_positions: int = 4096
     description: str = ""
+    #: std of the LLM's random weights (transformers' default 0.02 makes a deep random LLM repeat one
+    #: token whatever its input; the deep presets use a larger one so that inputs change what it says)
+    text_init: float = 0.02
 
 
 PRESETS: dict[str, Preset] = {
@@ -64,8 +72,13 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset("tiny", 64, 4, 4, 128, 64, 2, 4, 2, 128, 261, 32, 2, 4, 32,
                description="tests and CI: seconds on a 2-core CPU"),
+        Preset("tiny-deep", 64, 4, 4, 128, 64, 16, 4, 2, 128, 261, 32, 2, 4, 32, text_init=0.2,
+               description="tests of in-LLM pruning: tiny widths, 16 LLM layers (PIO-FVLM's layers 1, 10, 15 fit)"),
         Preset("small", 256, 6, 8, 1024, 512, 6, 8, 4, 1408, 261, 128, 2, 4, 128,
                description="CPU benchmarks: minutes on a 2-core CPU"),
+        Preset("small-deep", 256, 6, 8, 1024, 256, 32, 4, 2, 704, 261, 128, 2, 4, 128, text_init=0.1,
+               description="CPU benchmarks of in-LLM pruning: 32 LLM layers like LLaVA-1.5-7B (the PIO-FVLM "
+                           "schedules' average budgets hold exactly), small widths"),
         Preset("llava-1.5-7b", 1024, 24, 16, 4096, 4096, 32, 32, 32, 11008, 32064, 768, 12, 12, 768,
                description="the real LLaVA-1.5-7B dimensions (CLIP ViT-L/14-336 + Llama-7B), for GPUs"),
     ]
@@ -90,7 +103,7 @@ def preset_configs(p: Preset) -> tuple[LlavaConfig, CLIPConfig]:
         hidden_size=p.text_hidden, intermediate_size=p.text_mlp, num_hidden_layers=p.text_layers,
         num_attention_heads=p.text_heads, num_key_value_heads=p.text_kv_heads, vocab_size=p.vocab_size,
         max_position_embeddings=p.max_positions, bos_token_id=0, eos_token_id=1, pad_token_id=3,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, initializer_range=p.text_init,
     )
     tok = build_byte_tokenizer()
     llava = LlavaConfig(
@@ -190,6 +203,12 @@ class LlavaSpec(ModelSpec):
             raise ModelError(f"vision_feature_layer {layer} does not select an encoder layer")
         return index
 
+    def _early_layer_index(self, config) -> int:
+        """The early tower layer whose [CLS] attention is ``early_saliency``: upstream PIO-FVLM's layer
+        5 of CLIP ViT-L's 24, at the same relative depth for another tower."""
+        n = config.vision_config.num_hidden_layers
+        return min(round(VE_LOCAL_LAYER * n / VE_TOWER_LAYERS), self._layer_index(config))
+
     def vision_dims(self, config) -> VisionDims:
         v = config.vision_config
         return VisionDims(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
@@ -204,7 +223,8 @@ class LlavaSpec(ModelSpec):
         model = loaded.model
         clip = loaded.clip if relevance == CLIP_RELEVANCE else None
         return VisionTower(model.model.vision_tower, model.model.multi_modal_projector,
-                           self._layer_index(loaded.config), outputs, clip).eval()
+                           self._layer_index(loaded.config), outputs, clip,
+                           early_layer_index=self._early_layer_index(loaded.config)).eval()
 
     def projector(self, loaded: LoadedModel) -> nn.Module:
         return loaded.model.model.multi_modal_projector

@@ -4,9 +4,9 @@ Each becomes (part of) an exported graph; the runtime's PyTorch back end and the
 comparisons' reference run the very same modules:
 
 - `VisionTower`: pixels (+ instruction embedding) -> named outputs a pruning method reads
-  (``tokens``, ``features``, ``saliency``, ``relevance``, ``hidden_states``,
-  ``cls_attention``, ``keys``; see ``VISION_OUTPUTS``), for a CLIP-style tower with a [CLS]
-  token and a projector;
+  (``tokens``, ``features``, ``saliency``, ``relevance``, ``early_saliency``,
+  ``hidden_states``, ``cls_attention``, ``keys``; see ``VISION_OUTPUTS``), for a CLIP-style
+  tower with a [CLS] token and a projector;
 - `VisionWithMethod`: the tower, a method's op, and the projector when the op runs before it;
 - `TokenEmbedding`, `ClipTextEncoder`;
 - `DecoderStep`: a contiguous range of decoder layers for one prefill or decode step
@@ -25,12 +25,14 @@ from fsr.pruning.visionzip import clip_layer_visionzip_inputs
 #: ``tokens`` [B,N,H] projector outputs; ``features`` [B,N,F] the patch features that feed
 #: the projector; ``saliency`` [B,N] the [CLS]-row attention of the feature layer, mean over
 #: heads, patch columns; ``relevance`` [B,N] cosine with the instruction embedding
-#: (``instruction_embeds`` [B,E], an extra graph input); and the feature layer seen with its
-#: [CLS] token (VisionZip), ``T = 1 + N`` rows, row 0 = [CLS]: ``hidden_states`` [B,T,F] the
-#: layer's output (``features`` = its rows 1..N), ``cls_attention`` [B,T] float32 the [CLS]
-#: query's softmax attention in that layer summed over heads (every column), ``keys``
-#: [B,T,head_dim] float32 that layer's keys (with bias), mean over heads.
-VISION_OUTPUTS = ("tokens", "features", "saliency", "relevance", "hidden_states", "cls_attention", "keys")
+#: (``instruction_embeds`` [B,E], an extra graph input); ``early_saliency`` [B,N] the same [CLS]-row
+#: attention of an early layer (the family's choice; PIO-FVLM's encoder-side stage, its local map);
+#: and the feature layer seen with its [CLS] token (VisionZip), ``T = 1 + N`` rows, row 0 = [CLS]:
+#: ``hidden_states`` [B,T,F] the layer's output (``features`` = its rows 1..N), ``cls_attention``
+#: [B,T] float32 the [CLS] query's softmax attention in that layer summed over heads (every
+#: column), ``keys`` [B,T,head_dim] float32 that layer's keys (with bias), mean over heads.
+VISION_OUTPUTS = ("tokens", "features", "saliency", "relevance", "early_saliency", "hidden_states", "cls_attention",
+                  "keys")
 #: the outputs read from the feature layer with its [CLS] row (`clip_layer_visionzip_inputs`)
 LAYER_OUTPUTS = ("hidden_states", "cls_attention", "keys")
 
@@ -54,7 +56,7 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, tower: nn.Module, projector: nn.Module, layer_index: int, outputs: tuple[str, ...],
-                 clip: nn.Module | None = None):
+                 clip: nn.Module | None = None, early_layer_index: int | None = None):
         super().__init__()
         unknown = [o for o in outputs if o not in VISION_OUTPUTS]
         if unknown:
@@ -63,6 +65,10 @@ class VisionTower(nn.Module):
         self.embeddings = tower.embeddings
         self.pre_layrnorm = tower.pre_layrnorm
         self.layer_index = layer_index
+        self.early_layer_index = early_layer_index
+        if "early_saliency" in self.outputs and not (early_layer_index is not None
+                                                     and 0 <= early_layer_index <= layer_index):
+            raise ValueError(f"early_saliency needs an early layer index in [0, {layer_index}], got {early_layer_index}")
         self.layers = nn.ModuleList(tower.encoder.layers[: layer_index + 1])
         self.projector = projector
         self.use_clip = clip is not None
@@ -94,6 +100,8 @@ class VisionTower(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == self.layer_index and "saliency" in self.outputs:
                 out["saliency"] = self.cls_saliency(layer, h)
+            if i == self.early_layer_index and "early_saliency" in self.outputs:
+                out["early_saliency"] = self.cls_saliency(layer, h)
             if i == self.layer_index and any(o in self.outputs for o in LAYER_OUTPUTS):
                 out.update(zip(LAYER_OUTPUTS, clip_layer_visionzip_inputs(layer, h)))
                 h = out["hidden_states"]  # the layer's own output: the same as layer(h)

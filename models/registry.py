@@ -44,7 +44,7 @@ class FamilyEntry:
 CATALOG: tuple[FamilyEntry, ...] = (
     FamilyEntry("llava", "fsr.models.llava", ("llava",),
                 "LLaVA-1.5: CLIP ViT tower with [CLS], MLP projector, Llama LLM (LlavaForConditionalGeneration)",
-                ("tiny", "small", "llava-1.5-7b")),
+                ("tiny", "tiny-deep", "small", "small-deep", "llava-1.5-7b")),
     FamilyEntry("llava-next", "fsr.models.llava_next", ("llava_next",),
                 "LLaVA-NeXT: anyres crops (base + up to 2x2 / 1x3 / 3x1 tiles of 336 px), CLIP ViT tower with [CLS], "
                 "unpadding and image newlines, Llama LLM (LlavaNextForConditionalGeneration)",

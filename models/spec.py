@@ -45,7 +45,7 @@ from fsr.models.parts import (
     ClipTextEncoder, DecoderStep, OpInputs, TokenEmbedding, VisionTower, VisionWithMethod,
 )
 from fsr.models.registry import ModelError, check_checkpoint, read_config, resolve_model_path
-from fsr.pruning.methods import BEFORE_PROJECTOR, get_method
+from fsr.pruning.methods import BEFORE_PROJECTOR, LlmStage, get_method
 from fsr.pruning.modules import ReferenceModule
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -81,7 +81,7 @@ class GraphSpec:
     """One graph of an export: the module traced for it and how (see `ModelSpec.graphs`)."""
 
     name: str
-    role: str  # "vision" | "embed" | "text_encoder" | "decoder"
+    role: str  # "vision" | "embed" | "text_encoder" | "decoder" | "pruning"
     module: nn.Module
     input_names: list[str]
     output_names: list[str]
@@ -92,6 +92,10 @@ class GraphSpec:
     #: method runs before the projector
     attach: Callable[[Any], Any] | None = None
     projector: nn.Module | None = None
+    #: a ``torch.onnx`` custom translation table (factory) and a pass over the exported ModelProto
+    #: (a pruning graph's custom op and its ONNX function)
+    translation_table: Callable[[], dict] | None = None
+    finish: Callable[[Any], Any] | None = None
 
 
 # ----------------------------------------------------------------------------- host-side records
@@ -284,13 +288,17 @@ class ModelSpec:
     # -- graphs -----------------------------------------------------------------------------
 
     def graphs(self, loaded: LoadedModel, manifest: Manifest, form: str = EXPORT) -> list[GraphSpec]:
-        """Every graph ``manifest`` plans, in export order: vision, embed, text_encoder, decoder segments."""
+        """Every graph ``manifest`` plans, in export order: vision, embed, text_encoder, decoder segments
+        (each after the pruning graph that runs before it, if any)."""
         out = [self.vision_graph(loaded, manifest, form), self.embed_graph(loaded)]
         out += [self.prune_graph(loaded, manifest, name, form) for name in self.prune_graph_names(loaded.config, manifest)]
         if manifest.relevance.source == CLIP_RELEVANCE:
             out.append(self.text_encoder_graph(loaded, manifest))
         dtype = TORCH_DTYPES[manifest.dtype]
-        out += [self.decoder_graph(loaded, s.graph, *s.layers, dtype) for s in manifest.decoder_segments]
+        for index, s in enumerate(manifest.decoder_segments):
+            if s.prune_before:
+                out.append(self.pruning_graph(loaded, manifest, index, form))
+            out.append(self.decoder_graph(loaded, s.graph, *s.layers, dtype))
         return out
 
     def graph(self, loaded: LoadedModel, manifest: Manifest, name: str, form: str = EXPORT) -> GraphSpec:
@@ -303,9 +311,11 @@ class ModelSpec:
             return self.prune_graph(loaded, manifest, name, form)
         if name == "text_encoder" and manifest.relevance.source == CLIP_RELEVANCE:
             return self.text_encoder_graph(loaded, manifest)
-        for s in manifest.decoder_segments:
+        for index, s in enumerate(manifest.decoder_segments):
             if s.graph == name:
                 return self.decoder_graph(loaded, name, *s.layers, TORCH_DTYPES[manifest.dtype])
+            if s.prune_before == name:
+                return self.pruning_graph(loaded, manifest, index, form)
         raise ModelError(f"the {self.name} spec has no graph {name!r} in this export "
                          f"(it has {', '.join(manifest.graphs)})")
 
@@ -339,7 +349,7 @@ class ModelSpec:
         else:
             raise ValueError(f"unknown graph form {form!r}")
         spec.module = VisionWithMethod(tower, op, projector)
-        spec.output_names = list(method.outputs())
+        spec.output_names = list(method.outputs(settings))
         return spec
 
     # -- pruning on host-gathered rows (families with ``host_pruning``) -------------------------
@@ -349,9 +359,10 @@ class ModelSpec:
         return [budget]
 
     def prune_graph_names(self, config, manifest: Manifest) -> list[str]:
-        """The export's ``prune_b<budget>`` graphs (none unless the family prunes on the host)."""
+        """The export's ``prune_b<budget>`` graphs (none unless the family prunes in the vision graph's
+        place on the host)."""
         method = get_method(manifest.method.name)
-        if not self.host_pruning or not method.prunes:
+        if not self.host_pruning or not method.prunes or method.prunes_in != "vision":
             return []
         settings = method.settings_from_json(manifest.method.settings)
         return [prune_graph_name(b) for b in self.pruning_budgets(config, method.budget(settings),
@@ -387,8 +398,25 @@ class ModelSpec:
             spec.module = ReferenceModule(method.reference(settings), tuple(inputs))
         else:
             raise ValueError(f"unknown graph form {form!r}")
-        spec.output_names = list(method.outputs())
+        spec.output_names = list(method.outputs(settings))
         return spec
+
+    def pruning_graph(self, loaded: LoadedModel, manifest: Manifest, index: int, form: str = EXPORT) -> GraphSpec:
+        """The graph that prunes before decoder segment ``index`` (a method that prunes inside the LLM),
+        built by the method on this family's LLM modules (shared with the decoder segments, never copied)."""
+        method = get_method(manifest.method.name)
+        settings = method.settings_from_json(manifest.method.settings)
+        segments = manifest.decoder_segments
+        segment = segments[index]
+        if index == 0 or not segment.prune_before:
+            raise ModelError(f"decoder segment {segment.graph!r} has no pruning graph before it")
+        lm, head = self.language_model(loaded)
+        stage = LlmStage(segment.layers[0], segments[index - 1].image_tokens, segment.image_tokens)
+        part = method.pruning_graph(settings, stage, language_model=lm, lm_head=head, form=form)
+        return GraphSpec(segment.prune_before, "pruning", part.module, list(part.input_names),
+                         list(part.output_names), example_inputs=part.example_inputs,
+                         dynamic_shapes=part.dynamic_shapes, translation_table=part.translation_table,
+                         finish=part.finish)
 
     def embed_graph(self, loaded: LoadedModel) -> GraphSpec:
         seq = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}

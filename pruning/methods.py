@@ -48,7 +48,18 @@ from fsr.settings import Settings, SettingsError, setting
 
 AFTER_PROJECTOR, BEFORE_PROJECTOR = "after_projector", "before_projector"
 #: Modules that define the built-in methods (imported on the first registry lookup).
-BUILTIN_MODULES = ("fsr.pruning.fsr_method", "fsr.pruning.visionzip_method", "fsr.pruning.baseline_methods")
+BUILTIN_MODULES = ("fsr.pruning.fsr_method", "fsr.pruning.visionzip_method", "fsr.pruning.baseline_methods",
+                   "fsr.pruning.pio_method")
+
+#: The contract of a pruning graph between two decoder segments (a method that prunes in the LLM):
+#: ``hidden_states`` [B,S,D] (the previous segment's output), ``attention_mask`` [B,S] int64 (0 on left
+#: padding), ``position_ids`` [B,S] int64 (the positions the previous segment used), ``image_start`` [B]
+#: int64 (first visual token of each row; the span is ``[start, start + num_visual)``) ->
+#: ``hidden_states_out`` [B,S',D], ``attention_mask_out`` [B,S'], ``position_ids_out`` [B,S'] (what the next
+#: segment runs on), ``kept_indices`` [B,keep] int64 (ascending, inside the span); further outputs are the
+#: method's own. ``S' = S - num_visual + keep``; the span keeps its start and has ``keep`` tokens after.
+LLM_PRUNING_INPUTS = ("hidden_states", "attention_mask", "position_ids", "image_start")
+LLM_PRUNING_OUTPUTS = ("hidden_states_out", "attention_mask_out", "position_ids_out", "kept_indices")
 
 
 class MethodError(FsrError, ValueError):
@@ -70,6 +81,40 @@ class BudgetSettings(Settings):
     budget: int = setting(64, help="Image tokens the LLM keeps per image; >= 1.", minimum=1,
                           hint="it is the number of image tokens the LLM keeps; use --method none to export "
                                "without pruning")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmStage:
+    """One pruning point inside the LLM: the decoder is cut before LLM layer ``layer`` (0-based), and
+    the graph ``graph`` keeps ``keep`` of the ``num_visual`` visual tokens per image in between."""
+
+    layer: int
+    num_visual: int
+    keep: int
+
+    @property
+    def graph(self) -> str:
+        return f"pruning_{self.layer}"
+
+    @property
+    def dropped(self) -> int:
+        return self.num_visual - self.keep
+
+
+@dataclasses.dataclass
+class PruningGraph:
+    """What a method contributes to an export for one `LlmStage` (the model spec turns it into a graph):
+    the module (inputs `LLM_PRUNING_INPUTS`, outputs starting with `LLM_PRUNING_OUTPUTS`), example inputs
+    and dynamic shapes for tracing, an optional ``torch.onnx`` custom translation table and a pass over
+    the exported ``ModelProto`` (``finish``, e.g. adding an ONNX function)."""
+
+    module: Any
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: Callable[[], tuple]
+    dynamic_shapes: tuple
+    translation_table: Callable[[], dict] | None = None
+    finish: Callable[[Any], Any] | None = None
 
 
 class PruningMethod:
@@ -111,10 +156,25 @@ class PruningMethod:
         """``settings`` at another budget (fidelity and benchmark sweeps); unchanged without one."""
         return settings.replace(budget=budget) if hasattr(settings, "budget") else settings
 
-    def kept_tokens(self, settings: Settings, num_tokens: int) -> int:
-        """Image tokens the LLM sees for an image of ``num_tokens`` tokens."""
+    def kept_tokens(self, settings: Settings, num_tokens: int, num_layers: int | None = None) -> int:
+        """Image tokens the LLM sees for an image of ``num_tokens`` tokens (a method that prunes inside
+        the LLM: the mean over its ``num_layers`` layers)."""
         budget = self.budget(settings)
         return num_tokens if budget is None or not self.prunes else min(budget, num_tokens)
+
+    def vision_tokens(self, settings: Settings, num_tokens: int) -> int:
+        """Image tokens per image the vision graph passes to the LLM."""
+        return self.kept_tokens(settings, num_tokens) if self.prunes_in == "vision" else num_tokens
+
+    def llm_stages(self, settings: Settings, *, num_layers: int, num_visual: int) -> list[LlmStage]:
+        """The pruning points inside an LLM of ``num_layers`` layers whose input has ``num_visual`` visual
+        tokens per image (`vision_tokens`); `MethodError` when the method cannot run on such an LLM."""
+        return []
+
+    def check_model(self, settings: Settings, *, num_layers: int, num_image_tokens: int) -> None:
+        """Refuse (`MethodError`, saying why) a model this method cannot run on with ``settings``."""
+        self.llm_stages(settings, num_layers=num_layers,
+                        num_visual=self.vision_tokens(settings, num_image_tokens))
 
     def relevance_mode(self, settings: Settings) -> str | None:
         """None when the method reads no instruction relevance, else ``auto``/``clip``/``llm``."""
@@ -174,8 +234,8 @@ class PruningMethod:
         extra = (self.relevance_input,) if relevance and self.relevance_input else ()
         return tuple(self.needs) + extra
 
-    def outputs(self) -> tuple[str, ...]:
-        """The vision graph's outputs with this method."""
+    def outputs(self, settings: Settings | None = None) -> tuple[str, ...]:
+        """The vision graph's outputs with this method (and ``settings``)."""
         return ("image_tokens", "kept_indices") if self.prunes_in == "vision" else ("image_tokens",)
 
     def reference(self, settings: Settings) -> Callable[[Mapping[str, Any]], tuple]:
@@ -214,8 +274,56 @@ class PruningMethod:
         raise MethodError(f"method {self.name!r} has no in-graph form; it cannot be exported "
                           f"(exportable methods: {', '.join(method_names(exportable=True))})")
 
-    def between_segments(self, *args, **kwargs):
-        """Run the method's pruning graph between two decoder segments (methods that prune in the LLM)."""
+    # -- inside the LLM (prunes_in == "llm") --------------------------------------------------
+
+    def pruning_graph(self, settings: Settings, stage: LlmStage, *, language_model, lm_head,
+                      form: str) -> PruningGraph:
+        """The module of the pruning graph of ``stage`` (``form``: ``export``, ``torch`` or
+        ``reference``), built on the LLM's own modules (never copied)."""
+        raise MethodError(f"method {self.name!r} does not prune inside the LLM")
+
+    def between_segments(self, pipeline, index: int, hidden, positions, state):
+        """At prefill, before decoder segment ``index`` (its ``prune_before``): run the pruning graph on
+        the previous segment's output, give segment ``index`` its mask (its own KV length) and position
+        offset, record the kept indices in ``state``; returns ``(hidden, positions)`` for the segment.
+
+        ``pipeline`` is a `fsr.runtime.pipeline.Pipeline` (``run_graph``, ``backend``, ``manifest``),
+        ``state`` its ``DecodeState``. The default runs any graph of the `LLM_PRUNING_INPUTS` /
+        `LLM_PRUNING_OUTPUTS` contract."""
+        if self.prunes_in != "llm":
+            raise MethodError(f"method {self.name!r} does not prune inside the LLM")
+        import numpy as np  # light: the runtime has it loaded
+
+        segment = pipeline.manifest.decoder_segments[index]
+        before, seg_state = state.segments[index - 1], state.segments[index]
+        previous = pipeline.manifest.decoder_segments[index - 1]
+        n, keep = previous.image_tokens, segment.image_tokens
+        entering = pipeline.manifest.decoder_segments[0].image_tokens
+        starts = image_starts(state.image_spans, entering, n, before.attention_mask)
+        out = pipeline.run_graph(segment.prune_before, {
+            "hidden_states": hidden, "attention_mask": before.attention_mask, "position_ids": positions,
+            "image_start": starts})
+        to_host = pipeline.backend.to_host
+        seg_state.attention_mask = np.ascontiguousarray(to_host(out["attention_mask_out"]).astype(np.int64))
+        seg_state.position_offset = before.position_offset + (n - keep)
+        kept = to_host(out["kept_indices"]).astype(np.int64)
+        origin = state.llm_kept[-1] if state.llm_kept else np.broadcast_to(np.arange(n), kept.shape[:1] + (n,))
+        state.llm_kept.append(np.take_along_axis(origin, kept, axis=1))
+        return out["hidden_states_out"], out["position_ids_out"]
+
+    # -- the PyTorch reference pipeline of a method that prunes inside the LLM ----------------------
+
+    def reference_generate(self, settings: Settings, *, language_model, lm_head, embed_tokens, inputs_embeds,
+                           image_span: tuple[int, int], max_new_tokens: int, eos_token_ids=()):
+        """Greedy generation of one unpadded prompt (``inputs_embeds`` [S, D], image at ``image_span``)
+        with the method's readable reference inside the LLM -> ``(token_ids, kept)``: ``kept`` lists,
+        per stage, the kept visual tokens as indices of the span entering the LLM."""
+        raise MethodError(f"method {self.name!r} does not prune inside the LLM")
+
+    def reference_step_logits(self, settings: Settings, *, language_model, lm_head, embed_tokens, inputs_embeds,
+                              image_span: tuple[int, int], continuation: list[int]):
+        """Teacher-forced next-token logits [T, V] of one unpadded prompt on ``continuation``, the
+        method's readable reference pruning inside the LLM (pruning fidelity)."""
         raise MethodError(f"method {self.name!r} does not prune inside the LLM")
 
     # -- helpers ----------------------------------------------------------------------------
@@ -225,6 +333,26 @@ class PruningMethod:
         """``"package.module:name"`` -> the object (imported now: the heavy parts of a method)."""
         module, _, name = path.partition(":")
         return getattr(importlib.import_module(module), name)
+
+
+def image_starts(image_spans, span_tokens: int, num_visual: int, attention_mask) -> "np.ndarray":
+    """Each row's image start [B] int64 for a pruning graph. ``image_spans`` are the prefill's (one image
+    of ``span_tokens`` tokens per row); ``num_visual`` tokens of it remain now, which must lie on the
+    row's tokens in ``attention_mask``. `MethodError` otherwise."""
+    import numpy as np
+
+    starts = []
+    for b, spans in enumerate(image_spans):
+        if len(spans) != 1 or spans[0][1] != span_tokens:
+            raise MethodError(f"row {b} has image spans (start, length) {list(spans)}; pruning inside the LLM needs "
+                              f"exactly one image of {span_tokens} tokens per row")
+        start = int(spans[0][0])
+        mask = np.asarray(attention_mask[b])
+        if start < 0 or start + num_visual > mask.shape[0] or not mask[start:start + num_visual].all():
+            raise MethodError(f"row {b}: the image span [{start}, {start + num_visual}) is not inside the row's "
+                              "tokens")
+        starts.append(start)
+    return np.asarray(starts, dtype=np.int64)
 
 
 _METHODS: dict[str, PruningMethod] = {}
@@ -287,5 +415,6 @@ class NoPruning(PruningMethod):
         return select_outputs(graph, {"tokens": "image_tokens"})
 
 
-__all__ = ["AFTER_PROJECTOR", "BEFORE_PROJECTOR", "BudgetSettings", "MethodError", "NoPruning", "NoSettings",
-           "PruningMethod", "SettingsError", "get_method", "method_names", "methods", "register_method"]
+__all__ = ["AFTER_PROJECTOR", "BEFORE_PROJECTOR", "LLM_PRUNING_INPUTS", "LLM_PRUNING_OUTPUTS", "BudgetSettings",
+           "LlmStage", "MethodError", "NoPruning", "NoSettings", "PruningGraph", "PruningMethod", "SettingsError",
+           "get_method", "image_starts", "method_names", "methods", "register_method"]

@@ -41,179 +41,15 @@ the transformers modules themselves.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsr.errors import FsrError
-
-#: Number of supervised prompt positions of the proxy loss (``K_pos``, spec section 4).
-K_POS = 4
-#: Cosine threshold of the feature-space NMS (spec section 6).
-TAU = 0.8
-#: Floor of the feature norm in the NMS normalisation (``F.normalize``'s eps upstream).
-NORM_EPS = 1e-12
-
-
-class PioError(FsrError, ValueError):
-    """A PIO-FVLM schedule, model or input that cannot be used; the message says why."""
-
-
-# ----------------------------------------------------------------------------- schedules
-
-
-@dataclasses.dataclass(frozen=True)
-class PioStage:
-    """One pruning point: after decoder layer ``layer - 1`` keep ``keep`` visual tokens.
-
-    ``layer`` is the spec's 1-based number ``r``; it is also the 0-based index of the proxy
-    layer and of the first layer that sees the pruned sequence.
-    """
-
-    layer: int
-    keep: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PioSchedule:
-    """Pruning stages in layer order, and the optional encoder-side stage ("w/ VE").
-
-    ``encoder_tokens``: visual tokens left by the encoder-side stage (spec section 7), or
-    None when the LLM receives every visual token.
-    """
-
-    stages: tuple[PioStage, ...]
-    encoder_tokens: int | None = None
-
-    def __post_init__(self):
-        if not self.stages:
-            raise PioError("a PIO-FVLM schedule needs at least one stage, e.g. '1:92,10:54,15:22'")
-        for i, st in enumerate(self.stages):
-            for what, value in (("layer", st.layer), ("token count", st.keep)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise PioError(
-                        f"stage {i + 1}: the {what} must be an integer >= 1, got {value!r} "
-                        "(layers are 1-based: '1:92' prunes after the first decoder layer)")
-        for i, (a, b) in enumerate(zip(self.stages, self.stages[1:]), start=2):
-            if b.layer <= a.layer:
-                raise PioError(f"stage {i}: layer {b.layer} does not come after layer {a.layer}; "
-                               "list the stages in increasing layer order, each layer once")
-            if b.keep >= a.keep:
-                raise PioError(f"stage {i}: keeps {b.keep} visual tokens but only {a.keep} enter it; "
-                               "each stage must keep fewer tokens than the one before")
-        e = self.encoder_tokens
-        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
-            raise PioError(f"the encoder-side token count must be an integer >= 1, got {e!r}")
-        if e is not None and self.stages[0].keep >= e:
-            raise PioError(f"stage 1 keeps {self.stages[0].keep} visual tokens but the encoder stage "
-                           f"leaves only {e}; keep fewer in the LLM than the encoder passes in")
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        """The 1-based layer numbers ``r`` (= 0-based decoder split indices)."""
-        return tuple(st.layer for st in self.stages)
-
-    def visual_tokens(self, num_visual: int) -> int:
-        """Visual tokens that enter the LLM: ``encoder_tokens`` if set, else ``num_visual``."""
-        return num_visual if self.encoder_tokens is None else self.encoder_tokens
-
-    def validate(self, *, num_layers: int, num_visual: int) -> None:
-        """Check the schedule against an LLM of ``num_layers`` layers and ``num_visual`` image tokens."""
-        if self.encoder_tokens is not None and self.encoder_tokens >= num_visual:
-            raise PioError(f"the encoder-side stage keeps {self.encoder_tokens} of {num_visual} image "
-                           "tokens: it must keep fewer (omit it to give the LLM every token)")
-        entering = self.visual_tokens(num_visual)
-        if self.stages[0].keep >= entering:
-            raise PioError(f"stage 1 keeps {self.stages[0].keep} visual tokens but only {entering} "
-                           "enter the LLM; keep fewer")
-        last = self.stages[-1].layer
-        if last > num_layers - 1:
-            raise PioError(
-                f"layer {last} is out of range for an LLM with {num_layers} layers: a stage at layer r "
-                f"needs decoder layer r (0-based) as its proxy, so r must be at most {num_layers - 1}")
-
-    def token_counts(self, num_visual: int) -> list[tuple[int, int]]:
-        """``(n, keep)`` per stage: visual tokens entering it and kept by it."""
-        counts, n = [], self.visual_tokens(num_visual)
-        for st in self.stages:
-            counts.append((n, st.keep))
-            n = st.keep
-        return counts
-
-    def tokens_per_layer(self, *, num_layers: int, num_visual: int) -> list[int]:
-        """Visual tokens each decoder layer (0-based) sees."""
-        self.validate(num_layers=num_layers, num_visual=num_visual)
-        seen, n, stages = [], self.visual_tokens(num_visual), {st.layer: st.keep for st in self.stages}
-        for layer in range(num_layers):
-            n = stages.get(layer, n)
-            seen.append(n)
-        return seen
-
-    def average(self, *, num_layers: int, num_visual: int) -> float:
-        """Mean visual tokens per decoder layer, as the spec computes its budgets.
-
-        LLaVA-1.5 (32 layers, 576 tokens): (576 + 9*92 + 5*54 + 17*22) / 32 = 64 for
-        ``1:92,10:54,15:22``; w/ VE: (16*96 + 16*32) / 32 = 64.
-        """
-        seen = self.tokens_per_layer(num_layers=num_layers, num_visual=num_visual)
-        return sum(seen) / num_layers
-
-    def __str__(self) -> str:
-        return ",".join(f"{st.layer}:{st.keep}" for st in self.stages)
-
-
-_ITEM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_pio_schedule(text: str, *, encoder_tokens: int | None = None) -> PioSchedule:
-    """``"1:92,10:54,15:22"`` (1-based layer ``:`` visual tokens kept) -> `PioSchedule`.
-
-    Raises `PioError` naming the bad item and the expected form.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise PioError("empty PIO-FVLM schedule; give 'LAYER:TOKENS' items separated by commas, "
-                       "e.g. --pio-schedule '1:92,10:54,15:22'")
-    stages = []
-    for i, item in enumerate(text.split(","), start=1):
-        match = _ITEM.match(item)
-        if match is None:
-            raise PioError(f"schedule item {i} {item.strip()!r} is not 'LAYER:TOKENS' with two non-negative "
-                           "integers (e.g. '10:54': after decoder layer 10, 1-based, keep 54 visual tokens)")
-        layer, keep = int(match.group(1)), int(match.group(2))
-        if layer == 0:
-            raise PioError(f"schedule item {i} {item.strip()!r}: layers are 1-based, so 0 would prune before "
-                           "the LLM; that is the encoder-side stage (--pio-encoder-tokens)")
-        if keep == 0:
-            raise PioError(f"schedule item {i} {item.strip()!r}: a stage must keep at least 1 visual token")
-        stages.append(PioStage(layer, keep))
-    return PioSchedule(tuple(stages), encoder_tokens=encoder_tokens)
-
-
-#: LLaVA-1.5 schedules by average visual-token budget (32 layers, 576 tokens). 64 and 128 are
-#: the spec's (the upstream code comment and eval scripts); 192 is **ours**: stage by stage
-#: ``2 * s128 - s64`` (344 = 2*218 - 92, 202 = 2*128 - 54, 86 = 2*54 - 22), the linear
-#: continuation of the two published schedules; the average is linear in the counts, so it is
-#: exactly 2*128 - 64 = 192: (576 + 9*344 + 5*202 + 17*86) / 32 = 192.
-LLAVA15_SCHEDULES: dict[int, PioSchedule] = {
-    64: parse_pio_schedule("1:92,10:54,15:22"),
-    128: parse_pio_schedule("1:218,10:128,15:54"),
-    192: parse_pio_schedule("1:344,10:202,15:86"),
-}
-
-#: The upstream README's default LLaVA-1.5 configuration, w/ VE: 96 tokens from the encoder
-#: stage, 32 kept after decoder layer 16 (1-based); average 64.
-LLAVA15_VE_SCHEDULE_64 = parse_pio_schedule("16:32", encoder_tokens=96)
-
-
-def llava15_schedule(budget: int) -> PioSchedule:
-    """The LLaVA-1.5 schedule of average budget ``budget`` (64, 128 or 192)."""
-    if budget not in LLAVA15_SCHEDULES:
-        raise PioError(f"no PIO-FVLM schedule for average budget {budget!r}; choose one of "
-                       f"{', '.join(map(str, LLAVA15_SCHEDULES))}, or give the stages with "
-                       "--pio-schedule 'LAYER:TOKENS,...'")
-    return LLAVA15_SCHEDULES[budget]
+from .pio_schedule import (  # noqa: F401 (re-exported: the schedules and constants live in a light module)
+    K_POS, LLAVA15_SCHEDULES, LLAVA15_VE_SCHEDULE_64, NORM_EPS, TAU, VE_GLOBAL_LAYER, VE_LOCAL_LAYER, VE_WINDOWS,
+    PioError, PioSchedule, PioStage, encoder_stage_counts, llava15_schedule, parse_pio_schedule,
+)
 
 
 # ----------------------------------------------------------------------------- the proxy
@@ -421,31 +257,6 @@ def pio_stage_reference(proxy: PioProxy, hidden: torch.Tensor, position_ids: tor
 
 # ----------------------------------------------------------------------------- encoder-side stage ("w/ VE")
 
-#: Upstream's attention layers for the encoder-side stage, 0-based among CLIP ViT-L/14-336's 24
-#: layers: windowed local picks from layer 5, global picks from layer 22 (LLaVA-1.5's feature
-#: layer, so the global map is FSR's saliency). Another tower depth needs its own choice.
-VE_LOCAL_LAYER, VE_GLOBAL_LAYER = 5, 22
-#: Windows per side of the patch grid for the local picks (4 x 4 = 16 windows of 6 x 6 on 24 x 24).
-VE_WINDOWS = 4
-
-
-def encoder_stage_counts(num_visual: int, keep: int, windows: int = VE_WINDOWS) -> tuple[int, int, int]:
-    """``(grid side, local picks per window, global picks)`` of the encoder-side stage.
-
-    ``nl = int(keep * 0.5)`` local tokens are asked for, ``nl // windows**2`` per window, and
-    ``keep - nl`` global ones: ``windows**2 * (nl // windows**2) + keep - nl`` tokens are kept
-    (``keep`` itself when ``windows**2`` divides ``nl``, e.g. 96 -> 16 * 3 + 48).
-    """
-    side = int(round(num_visual ** 0.5))
-    if side * side != num_visual or side % windows:
-        raise PioError(f"the encoder-side stage needs a square patch grid divisible into {windows} x {windows} "
-                       f"windows; {num_visual} tokens are not one")
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < num_visual:
-        raise PioError(f"the encoder-side stage keeps an integer in [1, {num_visual - 1}] tokens, got {keep!r}")
-    local = int(keep * 0.5)
-    return side, local // (windows * windows), keep - local
-
-
 def encoder_stage_reference(local_attention: torch.Tensor, global_attention: torch.Tensor, tokens: torch.Tensor,
                             keep: int, windows: int = VE_WINDOWS) -> tuple[torch.Tensor, list[int]]:
     """The encoder-side stage of one image (spec section 7, LLaVA): ``(merged [K, D], kept)``.
@@ -564,3 +375,92 @@ def pio_generate_reference(language_model: nn.Module, lm_head: nn.Module, inputs
         logits = lm_head(norm(h))[0, -1]
         position += 1
     return PioGeneration(tokens, records, kv_lengths, offsets)
+
+
+def _chunk_mask(past: int, length: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Additive mask [1, 1, T, P+T] of ``length`` new positions after ``past`` cached ones (causal)."""
+    q = torch.arange(length, device=device)[:, None] + past
+    k = torch.arange(past + length, device=device)[None, :]
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(k <= q, zero, torch.finfo(dtype).min)[None, None]
+
+
+@torch.no_grad()
+def pio_teacher_forced_logits(language_model: nn.Module, lm_head: nn.Module, inputs_embeds: torch.Tensor,
+                              image_span: tuple[int, int], schedule: PioSchedule, continuation: list[int], *,
+                              embed_tokens: nn.Module | None = None, tau: float = TAU) -> torch.Tensor:
+    """Next-token logits [T, V] of one unpadded prompt pruned by ``schedule``, teacher-forced on
+    ``continuation`` (T tokens): row ``t`` is the distribution of token ``t`` given the prompt and
+    ``continuation[:t]``.
+
+    The prefill is `pio_generate_reference`'s (transformers' layers, autograd saliency at each
+    stage); the continuation then runs as one chunk through the per-layer caches, each layer at
+    its own position offset (spec section 8). Pruning fidelity (``fsr-compare``) compares these
+    with the unpruned model's logits step by step.
+    """
+    from transformers import DynamicCache
+
+    layers, norm, rotary = language_model.layers, language_model.norm, language_model.rotary_emb
+    embed = embed_tokens if embed_tokens is not None else language_model.embed_tokens
+    s0, n = image_span
+    schedule.validate(num_layers=len(layers), num_visual=n)
+    stages = {st.layer: st.keep for st in schedule.stages}
+    cache = DynamicCache(config=language_model.config)
+    h = inputs_embeds[None]
+    positions = torch.arange(h.shape[1], device=h.device)
+    offsets, offset = [], 0
+    for index, layer in enumerate(layers):
+        if index in stages:
+            result = pio_stage_reference(PioProxy(layer, norm, lm_head, rotary, index), h[0], positions, (s0, n),
+                                         stages[index], tau=tau)
+            h, positions = result.hidden[None], result.position_ids
+            offset += n - stages[index]
+            n = stages[index]
+        offsets.append(offset)
+        h = layer(h, attention_mask=causal_mask(h.shape[1], h.dtype, h.device), position_ids=positions[None],
+                  past_key_values=cache, use_cache=True, position_embeddings=rotary(h, positions[None]))
+    logits = [lm_head(norm(h))[0, -1:]]
+    fed = list(continuation[:-1])
+    if fed:
+        h = embed(torch.tensor([fed], device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        start = inputs_embeds.shape[0]  # unpruned position of the first fed token
+        for index, layer in enumerate(layers):
+            past = cache.layers[index].keys.shape[2]
+            pos = torch.arange(start, start + len(fed), device=h.device)[None] - offsets[index]
+            h = layer(h, attention_mask=_chunk_mask(past, len(fed), h.dtype, h.device), position_ids=pos,
+                      past_key_values=cache, use_cache=True, position_embeddings=rotary(h, pos))
+        logits.append(lm_head(norm(h))[0])
+    return torch.cat(logits)[: len(continuation)]
+
+
+class PioStageReference(nn.Module):
+    """The pruning graph's batched contract (`pio_fvlm_fixed.PioPruningStage`'s inputs and outputs)
+    computed by the readable reference, each row alone and unpadded (`pio_stage_reference`:
+    autograd saliency, the two-pass NMS). Rows must be left-padded (the mask 0 then 1)."""
+
+    def __init__(self, proxy: PioProxy, *, num_visual: int, keep: int, tau: float = TAU, k_pos: int = K_POS):
+        super().__init__()
+        self.proxy, self.num_visual, self.keep, self.tau, self.k_pos = proxy, num_visual, keep, tau, k_pos
+
+    def forward(self, hidden_states, attention_mask, position_ids, image_start):
+        with torch.inference_mode(False):  # autograd inside, whatever mode the caller runs in
+            hidden_states, attention_mask, position_ids, image_start = (
+                t.clone() for t in (hidden_states, attention_mask, position_ids, image_start))
+            return self._forward(hidden_states, attention_mask, position_ids, image_start)
+
+    def _forward(self, hidden_states, attention_mask, position_ids, image_start):
+        n, keep = self.num_visual, self.keep
+        outs = [[], [], [], [], []]
+        for b in range(hidden_states.shape[0]):
+            pad = int((attention_mask[b] == 0).sum())
+            if bool((attention_mask[b, pad:] == 0).any()):
+                raise PioError(f"row {b} is not left-padded (its attention mask has zeros after ones)")
+            start = int(image_start[b]) - pad
+            result = pio_stage_reference(self.proxy, hidden_states[b, pad:], position_ids[b, pad:], (start, n), keep,
+                                         tau=self.tau, k_pos=self.k_pos)
+            outs[0].append(torch.cat([hidden_states[b, :pad], result.hidden]))
+            outs[1].append(torch.cat([attention_mask[b, :pad], attention_mask.new_ones(result.hidden.shape[0])]))
+            outs[2].append(torch.cat([position_ids[b, :pad], result.position_ids.to(position_ids.dtype)]))
+            outs[3].append(result.kept_local)
+            outs[4].append(result.saliency.to(torch.promote_types(hidden_states.dtype, torch.float32)))
+        return tuple(torch.stack(o) for o in outs)

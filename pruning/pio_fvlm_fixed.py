@@ -240,6 +240,23 @@ def nms_static(saliency: torch.Tensor, features: torch.Tensor, keep: int, tau: f
     return torch.topk(order, keep, dim=-1, largest=False, sorted=True).indices
 
 
+@torch.library.custom_op("fsr::pio_nms", mutates_args=())
+def pio_nms_op(saliency: torch.Tensor, features: torch.Tensor, keep: int, tau: float) -> torch.Tensor:
+    """``torch.ops.fsr.pio_nms``: `nms_static` inside a traced module.
+
+    Eager it is `nms_static`. Under ``torch.onnx.export(dynamo=True, custom_translation_table=
+    pio_nms_translation_table())`` it becomes one ``fsr.PioNms`` node with ``keep`` and ``tau`` as
+    attributes, whose body (`pio_nms_onnx`) runs the ``keep`` steps as one ONNX ``Loop``: the
+    exported graph does not grow with ``keep``.
+    """
+    return nms_static(saliency, features, keep, tau).clone()
+
+
+@pio_nms_op.register_fake
+def _pio_nms_shapes(saliency, features, keep, tau):
+    return saliency.new_empty(saliency.shape[0], keep, dtype=torch.int64)
+
+
 # ----------------------------------------------------------------------------- sequence surgery
 
 
@@ -302,7 +319,7 @@ class PioPruningStage(nn.Module):
         saliency = pio_saliency_closed_form(self.proxy, hidden_states, attention_mask, position_ids, self.k_pos)
         span = image_start.to(torch.int64)[:, None] + torch.arange(n, device=hidden_states.device)[None]
         span_saliency = torch.gather(saliency, 1, span)
-        kept = nms_static(span_saliency, _gather_rows(hidden_states, span), self.keep, self.tau)
+        kept = pio_nms_op(span_saliency, _gather_rows(hidden_states, span), self.keep, self.tau)
         index, dropped = surgery_index(hidden_states.shape[1], image_start, kept, n)
         return (_gather_rows(hidden_states, index), torch.gather(attention_mask, 1, index),
                 torch.gather(position_ids, 1, index) - dropped, kept, span_saliency)
@@ -383,39 +400,74 @@ class PioEncoderStage(nn.Module):
         return merged.to(tokens.dtype), kept
 
 
+class PioEncoderTokens(nn.Module):
+    """The encoder-side stage on the vision tower's named outputs: ``(tokens [B,n,D], saliency [B,n]
+    (the feature layer's [CLS] attention: the global map), early_saliency [B,n] (an early layer's: the
+    local map)) -> (merged, kept_indices)``; a `PioEncoderStage` per token count ``n``."""
+
+    def __init__(self, *, keep: int, windows: int = VE_WINDOWS):
+        super().__init__()
+        self.keep, self.windows = keep, windows
+        self.stages = nn.ModuleDict()
+
+    def stage(self, num_visual: int) -> PioEncoderStage:
+        key = str(num_visual)
+        if key not in self.stages:
+            self.stages[key] = PioEncoderStage(num_visual=num_visual, keep=self.keep, windows=self.windows)
+        return self.stages[key]
+
+    def forward(self, tokens, saliency, early_saliency):
+        stage = self.stage(tokens.shape[1]).to(tokens.device)
+        return stage(early_saliency, saliency, tokens)
+
+
 # ----------------------------------------------------------------------------- export
 
 
-def export_pio_stage(stage: PioPruningStage, *, dtype: torch.dtype | None = None, opset: int = 18):
-    """Export a stage with ``torch.onnx.export(dynamo=True)``; batch and sequence dynamic.
-
-    Returns the ``onnx.ModelProto``. Inputs and outputs are named as in
-    `PioPruningStage.INPUTS` / `OUTPUTS`; each weight matrix is one initializer holding
-    ``W^T`` (named by the exporter); the model's ``metadata_props`` record what the graph is
-    specialised to (`stage_metadata`).
-    """
-    from fsr.onnx_io import quiet_exporter
-
-    param = next(stage.parameters())
-    dtype = dtype or param.dtype
+def stage_example_inputs(stage: PioPruningStage, dtype: torch.dtype | None = None) -> tuple:
+    """Example inputs for tracing a stage: batch 2 (a batch-1 example fixes B), left padding."""
+    dtype = dtype or next(stage.parameters()).dtype
     hidden_size = stage.proxy.layer.self_attn.q_proj.in_features
-    n, batch, length = stage.num_visual, 2, stage.num_visual + 3 * K_POS  # batch 2: a batch-1 example fixes B
+    batch, length = 2, stage.num_visual + 3 * K_POS
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(batch, length, hidden_size, generator=gen).to(dtype)
     mask = torch.ones(batch, length, dtype=torch.int64)
     mask[1, :2] = 0
     positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
-    start = torch.tensor([3, 5])
-    args = (hidden, mask, positions, start)
-    dims = {"batch": torch.export.Dim("batch", min=1), "sequence": torch.export.Dim("sequence", min=n + 2)}
-    dynamic = ({0: dims["batch"], 1: dims["sequence"]}, {0: dims["batch"], 1: dims["sequence"]},
-               {0: dims["batch"], 1: dims["sequence"]}, {0: dims["batch"]})
+    return hidden, mask, positions, torch.tensor([3, 5])
+
+
+def stage_dynamic_shapes(num_visual: int) -> tuple:
+    """``dynamic_shapes`` of a stage's inputs: batch, and a sequence of at least ``num_visual + 2``."""
+    batch, sequence = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=num_visual + 2)
+    return ({0: batch, 1: sequence}, {0: batch, 1: sequence}, {0: batch, 1: sequence}, {0: batch})
+
+
+def export_pio_stage(stage: PioPruningStage, *, dtype: torch.dtype | None = None, opset: int = 18,
+                     inline: bool = False):
+    """Export a stage with ``torch.onnx.export(dynamo=True)``; batch and sequence dynamic.
+
+    Returns the ``onnx.ModelProto``. Inputs and outputs are named as in
+    `PioPruningStage.INPUTS` / `OUTPUTS`; each weight matrix is one initializer holding
+    ``W^T`` (named by the exporter); the NMS is one ``fsr.PioNms`` node (its body an ONNX
+    local function with a ``Loop``: `pio_nms_onnx`; ``inline``: the body inlined); the
+    model's ``metadata_props`` record what the graph is specialised to (`stage_metadata`).
+    """
+    from fsr.onnx_io import quiet_exporter
+
+    from .pio_nms_onnx import add_pio_nms_function, inline_pio_nms, pio_nms_translation_table
+
+    args = stage_example_inputs(stage, dtype)
     with quiet_exporter():
         program = torch.onnx.export(stage.eval(), args, dynamo=True, opset_version=opset,
                                     input_names=list(PioPruningStage.INPUTS),
                                     output_names=list(PioPruningStage.OUTPUTS),
-                                    dynamic_shapes=dynamic, verbose=False)
+                                    dynamic_shapes=stage_dynamic_shapes(stage.num_visual), verbose=False,
+                                    custom_translation_table=pio_nms_translation_table())
     model = program.model_proto
+    add_pio_nms_function(model)
+    if inline:
+        model = inline_pio_nms(model)
     for key, value in stage_metadata(stage).items():
         model.metadata_props.add(key=key, value=value)
     return model

@@ -66,7 +66,7 @@ class VisionZip(PruningMethod):
         dominant, contextual = self.split(settings)
         return {"dominant": dominant, "contextual": contextual}
 
-    def kept_tokens(self, settings: VisionZipSettings, num_tokens: int) -> int:
+    def kept_tokens(self, settings: VisionZipSettings, num_tokens: int, num_layers: int | None = None) -> int:
         """``num_tokens`` patches + [CLS] enter the op; it hands ``min(budget, 1 + num_tokens)`` rows on."""
         return min(settings.budget, num_tokens + 1)
 

@@ -86,6 +86,9 @@ class DecodeState:
     last_positions: np.ndarray
     segments: list[SegmentState]
     image_spans: list[list[tuple[int, int]]]
+    #: per pruning stage inside the LLM, [B, keep] int64: the kept visual tokens as indices of the
+    #: image span that entered the LLM (composed over the stages)
+    llm_kept: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     @property
     def batch(self) -> int:
@@ -135,10 +138,13 @@ class HostSteps:
 
     def prompt_positions(self, row: list[int]) -> int:
         """Positions a token row takes in the LLM: its text tokens plus, for each image token,
-        the image tokens the LLM sees (``manifest.image.kept_image_tokens``, an upper bound)."""
+        the image tokens the LLM sees (``manifest.image.kept_image_tokens``, an upper bound; a
+        method that prunes inside the LLM: the first decoder segment's, which sees them all)."""
         image = self.manifest.image
         n_images = row.count(image.image_token_id)
-        return len(row) - n_images + n_images * image.kept_image_tokens
+        per_image = max([image.kept_image_tokens, *(s.image_tokens for s in self.manifest.decoder_segments
+                                                    if s.image_tokens is not None)])
+        return len(row) - n_images + n_images * per_image
 
     def fit_new_tokens(self, rows: list[list[int]], max_new_tokens: int) -> int:
         """``max_new_tokens`` shortened to what the context leaves after the longest prompt
@@ -257,9 +263,12 @@ class Pipeline(HostSteps):
     def __exit__(self, *exc):
         self.close()
 
-    def _run(self, graph: str, feeds: dict) -> dict:
+    def run_graph(self, graph: str, feeds: dict) -> dict:
+        """Run one graph of the export: host arrays are moved to the backend; outputs are backend arrays."""
         return self.runners[graph].infer({k: self.backend.from_host(v) if isinstance(v, np.ndarray) else v
                                           for k, v in feeds.items()})
+
+    _run = run_graph
 
     # -- 1./2. preprocessing and the instruction embedding: HostSteps --------------------------
 
@@ -301,13 +310,25 @@ class Pipeline(HostSteps):
         return [self.backend.from_host(np.zeros(shape, self.dtype)) for _ in range(n)]
 
     def _forward(self, embeds, positions: np.ndarray, state: DecodeState, prefill: bool):
+        """The decoder segments in order. Prefill: a segment with ``prune_before`` first gets the
+        method's pruning (`PruningMethod.between_segments`: its own shorter mask, the renumbered
+        positions, its position offset); the others take the previous segment's. Decode: each
+        segment's positions are the unpruned ones minus its offset."""
         hidden = embeds
-        for segment, seg_state in zip(self.manifest.decoder_segments, state.segments):
-            if prefill and segment.prune_before:
-                hidden = self.method.between_segments(self, segment, hidden, seg_state, state)
+        for index, (segment, seg_state) in enumerate(zip(self.manifest.decoder_segments, state.segments)):
+            if prefill:
+                if segment.prune_before:
+                    hidden, positions = self.method.between_segments(self, index, hidden, positions, state)
+                elif index:
+                    previous = state.segments[index - 1]
+                    seg_state.attention_mask, seg_state.position_offset = (previous.attention_mask,
+                                                                           previous.position_offset)
+                segment_positions = positions
+            else:
+                segment_positions = positions - seg_state.position_offset[:, None]
             runner = self.runners[segment.graph]
             feeds = {runner.input_names[0]: hidden, "attention_mask": seg_state.attention_mask,
-                     "position_ids": positions - seg_state.position_offset[:, None]}
+                     "position_ids": segment_positions}
             feeds.update(zip(runner.input_names[3:], seg_state.cache))
             out = self._run(segment.graph, feeds)
             hidden = out[runner.output_names[0]]
@@ -379,16 +400,32 @@ class Pipeline(HostSteps):
             state = self.decode(state, np.where(done, self.pad_id, next_ids))
         timings["decode_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
-        kept = features.kept_indices
+        kept = kept_per_row(features.kept_indices, [[k[b] for k in state.llm_kept] for b in range(batch)])
         return [
-            GenerationResult(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                             None if kept is None else kept[b], dict(timings), "eos" if done[b] else "length")
+            GenerationResult(ids, self.tokenizer.decode(ids, skip_special_tokens=True), kept[b], dict(timings),
+                             "eos" if done[b] else "length")
             for b, ids in enumerate(generated)
         ]
 
 
+def kept_per_row(vision_kept: list | None, llm_kept: list[list]) -> list:
+    """``GenerationResult.kept_indices`` of each row: the vision graph's kept indices (None without
+    pruning), or, when the method also pruned inside the LLM, the list of every stage's kept image
+    tokens as indices of the image's own tokens: the vision graph's first (if it pruned), then one
+    entry per LLM stage (``llm_kept[b][i]`` are indices of the span that entered the LLM)."""
+    rows = []
+    for b, stages in enumerate(llm_kept):
+        base = None if vision_kept is None else np.asarray(vision_kept[b])
+        if not stages:
+            rows.append(None if vision_kept is None else vision_kept[b])
+            continue
+        mapped = [(np.asarray(k) if base is None else base[np.asarray(k)]).tolist() for k in stages]
+        rows.append(mapped if base is None else [base.tolist(), *mapped])
+    return rows
+
+
 def pipeline_graphs(manifest: Manifest) -> list[str]:
     """The graphs a pipeline runs: vision, embed, the decoder segments, the text encoder if any."""
-    names = ["vision", "embed", *manifest.segment_graphs]
+    names = ["vision", "embed", *manifest.segment_graphs, *manifest.pruning_graphs]
     names += [n for n in manifest.graphs if n not in names]
     return names

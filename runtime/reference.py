@@ -16,7 +16,7 @@ from fsr.manifest import Manifest, read_manifest
 from fsr.models import ModelError, get_spec
 from fsr.models.parts import ClipTextEncoder, VisionTower
 from fsr.models.spec import CLIP_RELEVANCE, REFERENCE, ImageFeatures, LoadedModel, Request, prune_graph_name
-from fsr.runtime.pipeline import GenerationResult, HostSteps
+from fsr.runtime.pipeline import GenerationResult, HostSteps, kept_per_row
 
 
 class ReferencePipeline(HostSteps):
@@ -109,6 +109,8 @@ class ReferencePipeline(HostSteps):
         request = self.prepare(images, prompts, raw)
         features = self.vision(request, self.instruction_embeds(request.instructions))
         inputs = self.assemble(request.rows, features)
+        if self.method.prunes_in == "llm":
+            return self._generate_pruning_llm(inputs, features, max_new_tokens)
         out = self.model.generate(inputs_embeds=self._t(inputs.inputs_embeds),
                                   attention_mask=self._t(inputs.attention_mask), max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos))
@@ -118,6 +120,27 @@ class ReferencePipeline(HostSteps):
             kept = None if features.kept_indices is None else features.kept_indices[b]
             results.append(GenerationResult(ids, self.tokenizer.decode(ids, skip_special_tokens=True), kept))
         return results
+
+    def _generate_pruning_llm(self, inputs, features: ImageFeatures, max_new_tokens: int) -> list[GenerationResult]:
+        """Each row alone, unpadded, through the method's readable reference inside the LLM
+        (`PruningMethod.reference_generate`: transformers' layers, the method between them)."""
+        settings = self.method.settings_from_json(self.manifest.method.settings)
+        lm, head = self.spec.language_model(self.loaded)
+        results, stages = [], []
+        for b, spans in enumerate(inputs.image_spans):
+            pad = int((inputs.attention_mask[b] == 0).sum())
+            if len(spans) != 1:
+                raise ModelError(f"row {b} has {len(spans)} images; pruning inside the LLM takes one image per row")
+            (start, length), = spans
+            ids, kept = self.method.reference_generate(
+                settings, language_model=lm, lm_head=head, embed_tokens=self.embedding,
+                inputs_embeds=self._t(inputs.inputs_embeds[b, pad:]), image_span=(start - pad, length),
+                max_new_tokens=max_new_tokens, eos_token_ids=sorted(self.eos))
+            results.append(ids)
+            stages.append(kept)
+        kept = kept_per_row(features.kept_indices, stages)
+        return [GenerationResult(ids, self.tokenizer.decode(ids, skip_special_tokens=True), kept[b])
+                for b, ids in enumerate(results)]
 
 
 def cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:

@@ -116,7 +116,7 @@ class TorchBackend(Backend):
                 raise BackendError(f"method {self.method.name!r} has no op")
             op = (self.method.torch_module(self.settings, relevance=self.relevance) if self.method_form == TORCH
                   else ReferenceModule(self.method.reference(self.settings), inputs))
-            return ModuleRunner(graph, op, list(inputs), list(self.method.outputs()))
+            return ModuleRunner(graph, op, list(inputs), list(self.method.outputs(self.settings)))
         spec = self.spec.graph(self.loaded, self.manifest, graph, form=self.method_form)
         return ModuleRunner(graph, spec.module, spec.input_names, spec.output_names)
 

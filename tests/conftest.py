@@ -37,6 +37,16 @@ def export_vz64(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def export_pio64(tmp_path_factory):
+    """PIO-FVLM at average budget 64 (the spec's LLaVA-1.5 schedule 1:92,10:54,15:22) on the 16-layer
+    ``tiny-deep`` preset: decoder segments [0,1), [1,10), [10,15), [15,16) with a pruning graph
+    before each but the first."""
+    out = tmp_path_factory.mktemp("exports") / "pio64"
+    export_model(load_model("tiny-deep"), out, ExportSettings("pio-fvlm", budget=64))
+    return out
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """Three PNGs with different sizes and content (structured, so saliency is not flat)."""
     folder = tmp_path_factory.mktemp("images")

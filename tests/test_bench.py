@@ -349,3 +349,39 @@ def test_preset_exports_are_made_once_and_reused(tmp_path):
     assert calls[5:] == [("visionzip", 64)]  # the unpruned and FSR exports are reused
     assert [(r["method"], r["reused"]) for r in both] == [("none", True), ("fsr", True), ("visionzip", False)]
     assert both[2]["path"].endswith("llava-tiny-fp32-seed0/visionzip-b64")
+
+
+# ----------------------------------------------------------------------------- pruning inside the LLM
+
+
+def test_pio_beside_fsr_at_equal_budget_per_segment(tmp_path):
+    """``--methods fsr,pio-fvlm``: both methods at average budget 64 beside the unpruned model (the torch
+    backend: the 16-layer preset built in memory, nothing exported); PIO-FVLM's row has one entry per
+    decoder segment with its prefill time, the pruning graph's before it and its KV cache, and its KV
+    total is their sum."""
+    from fsr.bench.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--preset", "tiny-deep", "--backend", "torch", "--methods", "fsr,pio-fvlm", "--budgets", "64",
+                 "--warmup", "0", "--repeat", "2", "--new-tokens", "2", "--json", str(out), "--markdown",
+                 str(tmp_path / "bench.md")]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["results"]}
+    assert set(rows) == {"none", "fsr", "pio-fvlm"}
+    pio, fsr, base = rows["pio-fvlm"], rows["fsr"], rows["none"]
+    assert pio["budget"] == fsr["budget"] == 64 and pio["kept_tokens"] == 106  # the mean over 16 layers
+    segments = pio["segments"]
+    assert [s["layers"] for s in segments] == [[0, 1], [1, 10], [10, 15], [15, 16]]
+    assert [s["image_tokens"] for s in segments] == [576, 92, 54, 22]
+    assert [s["seq_len"] for s in segments] == [pio["seq_len"] - 576 + k for k in (576, 92, 54, 22)]
+    assert all(s["prefill_ms"]["n"] == 2 for s in segments)
+    assert [s.get("pruning_ms", {}).get("n") for s in segments] == [None, 2, 2, 2]
+    llm = analytic.LLMDims(16, 64, 4, 2, 16, 128, 261)
+    assert [s["kv_cache_bytes"] for s in segments] == [
+        analytic.kv_cache_bytes(llm, 1, s["seq_len"], "fp32", layers=s["layers"][1] - s["layers"][0])
+        for s in segments]
+    assert pio["kv_cache_bytes"] == sum(s["kv_cache_bytes"] for s in segments)
+    assert fsr["kv_cache_bytes"] < pio["kv_cache_bytes"] < base["kv_cache_bytes"]
+    assert pio["analytic"]["prefill_flops_parts"]["llm_pruning"] > 0
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| 64 (pio-fvlm) | 1 | decoder_1 | 1–9 | 92 |" in markdown and "| 64 (fsr) | 1 |" in markdown

@@ -198,6 +198,8 @@ def test_fidelity_json_on_tiny_export(cli_none):
     assert fidelity["num_image_tokens"] == 576 and fidelity["methods"] == list(available_methods())
     assert set(PRUNING_METHODS) | {"visionzip"} == set(fidelity["methods"])  # FSR, VisionZip and the baselines
     assert "no re-export" in fidelity["computed_in"]
+    # PIO-FVLM's schedules prune after LLM layers 1, 10, 15: the 2-layer tiny LLM cannot run them
+    assert "out of range for an LLM with 2 layers" in fidelity["skipped"]["pio-fvlm"]
     rows = {row["budget"]: row for row in fidelity["rows"] if row["method"] == "fsr"}
     assert sorted(rows) == sorted(BUDGETS)
     for budget, row in rows.items():
@@ -406,3 +408,27 @@ def test_reference_runner_is_a_polygraphy_runner(export_fsr64):
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
     assert list(out) == ["inputs_embeds"] and out["inputs_embeds"].shape == (1, 3, 64)
     assert list(meta) == ["input_ids"]
+
+
+def test_pio_nms_near_tie_and_mismatch():
+    """PIO-FVLM's NMS replayed on the reference's saliency: a swap of two tokens whose saliencies are
+    within the tolerance is a near-tie; keeping a token far down the order instead is a mismatch."""
+    import torch
+
+    from fsr.compare.near_tie import explain_nms_row
+    from fsr.pruning.pio_fvlm import nms_reference
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(20, 8, generator=gen)
+    saliency = torch.linspace(1.0, 0.05, 20)
+    saliency[4] = saliency[3] - 1e-6  # 3 and 4 nearly tie
+    keep = 4
+    reference = nms_reference(saliency, features, keep)
+    assert 3 in reference and 4 not in reference
+    swapped = sorted(set(reference) - {3} | {4})
+    verdict = explain_nms_row(saliency, features, reference, swapped, tau=0.8, tol=1e-4)
+    assert verdict.near_tie and verdict.reference_token == 3 and verdict.other_token == 4
+    far = sorted(set(reference) - {3} | {19})
+    verdict = explain_nms_row(saliency, features, reference, far, tau=0.8, tol=1e-4)
+    assert not verdict.near_tie and "reference took 3" in verdict.detail
+    assert explain_nms_row(saliency, features, reference, reference, tau=0.8, tol=1e-4).stage == "equal"

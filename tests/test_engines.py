@@ -353,3 +353,42 @@ def test_a_changed_engine_file_is_refused(built_none, tmp_path):
     with pytest.raises(StaleEngineError, match=r"embed.fp32.engine refused: the file changed since fsr-build"):
         check_engine_fresh(manifest, export, "embed", "fp32")
     check_engine_fresh(manifest, export, "decoder", "fp32")
+
+
+# -- PIO-FVLM: decoder segments and the pruning graphs between them ---------------------------------
+
+PIO_MAX_SEQ = 700  # 576 image tokens + the prompt + generated tokens
+
+
+@pytest.fixture(scope="module")
+def built_pio(export_pio64, tmp_path_factory):
+    from fsr.engines.builder import BuildSettings, build_engines
+
+    _tensorrt()
+    export = _copy(export_pio64, tmp_path_factory, "pio64")
+    for precision in ("fp32", "fp16"):
+        build_engines(export, BuildSettings(precision=precision, max_batch=MAX_BATCH, max_seq=PIO_MAX_SEQ))
+    return export
+
+
+def test_every_pio_graph_builds(built_pio):
+    """Every graph of the PIO-FVLM export (vision, embed, four decoder segments, three pruning graphs whose
+    NMS is a Loop in a local function and whose matrices are external data in the shared file) builds
+    into a TensorRT(-RTX) engine, fp32 and fp16; the pruning graphs' profiles start at their image
+    tokens + 2 (the graph's own minimum) and the segments' opt lengths follow their image tokens."""
+    manifest = read_manifest(built_pio, verify=True)
+    assert manifest.pruning_graphs == ["pruning_1", "pruning_10", "pruning_15"]
+    for graph, entry in manifest.graphs.items():
+        for precision in ("fp32", "fp16"):
+            engine = manifest.engines[f"{graph}.{precision}"]
+            assert (built_pio / engine.file).stat().st_size > 10_000
+            assert engine.source.files == entry.hashes()  # the shared weights' files included
+    tokens = {s.graph: s.image_tokens for s in manifest.decoder_segments}
+    for segment in manifest.decoder_segments:
+        prefill = manifest.engines[f"{segment.graph}.fp32"].profiles[0]
+        assert prefill["dims"]["sequence"][1] == min(PIO_MAX_SEQ, tokens[segment.graph] + 64)
+        if segment.prune_before:
+            [profile] = manifest.engines[f"{segment.prune_before}.fp32"].profiles
+            n = manifest.decoder_segments[manifest.decoder_segments.index(segment) - 1].image_tokens
+            assert profile["dims"]["sequence"][0] == n + 2
+            assert profile["shapes"]["image_start"]["max"] == [MAX_BATCH]

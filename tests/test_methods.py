@@ -10,8 +10,8 @@ from fsr.settings import SettingsError
 
 
 def test_registered_methods():
-    assert method_names() == ["none", "fsr", "visionzip", "saliency-topk", "uniform", "random"]
-    assert method_names(exportable=True) == ["none", "fsr", "visionzip"]
+    assert method_names() == ["none", "fsr", "visionzip", "saliency-topk", "uniform", "random", "pio-fvlm"]
+    assert method_names(exportable=True) == ["none", "fsr", "visionzip", "pio-fvlm"]
     assert method_names(prunes=False) == ["none"]
     with pytest.raises(MethodError, match="unknown pruning method 'fastv'; known: none, fsr"):
         get_method("fastv")
@@ -78,7 +78,7 @@ def test_every_method_describes_where_it_attaches():
         assert method.outputs()[0] == "image_tokens"
         if method.prunes:
             assert method.has_reference(), method.name
-        if method.exportable and method.prunes:
+        if method.exportable and method.prunes_in == "vision":
             assert method.onnx_op is not None
 
 
@@ -87,4 +87,4 @@ def test_methods_without_an_in_graph_form_refuse_export():
     with pytest.raises(MethodError, match="no in-graph form"):
         uniform.attach(None, uniform.settings(), relevance=False)
     with pytest.raises(MethodError, match="does not prune inside the LLM"):
-        get_method("fsr").between_segments()
+        get_method("fsr").between_segments(None, 1, None, None, None)

@@ -384,21 +384,14 @@ def exported_stage():
     return lm, head, stage, model
 
 
-def test_exported_stage_matches_the_closed_form_in_onnxruntime(exported_stage):
+def _run_stage_in_ort(model, stage, seed=9):
     import onnxruntime as ort
 
-    _, _, stage, model = exported_stage
-    assert {p.key: p.value for p in model.metadata_props} == {
-        "pio.num_visual": "24", "pio.keep": "6", "pio.tau": "0.8", "pio.k_pos": "4", "pio.proxy_layer": "1"}
-    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
-    assert not {n.op_type for n in model.graph.node} & {"Loop", "If", "Scan"}
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert dims["hidden_states"][:2] == ["batch", "sequence"] and dims["image_start"] == ["batch"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == list(PioPruningStage.OUTPUTS)
-    gen = torch.Generator().manual_seed(9)
+    gen = torch.Generator().manual_seed(seed)
     checked = 0
     for layout in ([(40, 3)], [(30, 0), (36, 12)], [(31, 7), (50, 20), (27, 3)]):
         rows, hidden, mask, positions, starts, _, _ = stage_rows(gen, layout, torch.float32)
@@ -413,7 +406,95 @@ def test_exported_stage_matches_the_closed_form_in_onnxruntime(exported_stage):
         saliency, ref = got[4], expected[4]
         assert float(np.abs(saliency - ref).max() / np.abs(ref).max()) <= 1e-5
         checked += 1
-    assert checked == 3
+    return checked
+
+
+def test_exported_stage_matches_the_closed_form_in_onnxruntime(exported_stage):
+    import onnx
+
+    _, _, stage, model = exported_stage
+    assert {p.key: p.value for p in model.metadata_props} == {
+        "pio.num_visual": "24", "pio.keep": "6", "pio.tau": "0.8", "pio.k_pos": "4", "pio.proxy_layer": "1"}
+    # standard opset-18 ops and one fsr.PioNms node, whose body (a local function) runs the NMS as a Loop
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "fsr"}
+    [nms] = [n for n in model.graph.node if n.domain == "fsr"]
+    assert nms.op_type == "PioNms" and {a.name: onnx.helper.get_attribute_value(a) for a in nms.attribute} == {
+        "keep": 6, "tau": pytest.approx(0.8)}
+    [function] = model.functions
+    assert [n.op_type for n in function.node].count("Loop") == 1
+    assert not {n.op_type for n in model.graph.node} & {"Loop", "If", "Scan"}
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["hidden_states"][:2] == ["batch", "sequence"] and dims["image_start"] == ["batch"]
+    assert _run_stage_in_ort(model, stage) == 3
+
+
+def test_exported_stage_runs_with_the_nms_inlined(exported_stage):
+    """``inline_pio_nms``: the fsr.PioNms body inlined (the Loop at the top level) runs the same."""
+    from fsr.pruning.pio_nms_onnx import inline_pio_nms
+
+    _, _, stage, model = exported_stage
+    inlined = inline_pio_nms(model)
+    assert not inlined.functions and [n.op_type for n in inlined.graph.node].count("Loop") == 1
+    assert _run_stage_in_ort(inlined, stage, seed=3) == 3
+
+
+NMS_KEEPS = [1, 2, 5, 11, 12]
+
+
+@pytest.fixture(scope="module")
+def nms_sessions():
+    import onnxruntime as ort
+
+    from fsr.pruning.pio_nms_onnx import make_pio_nms_model
+
+    sessions = {}
+    for keep in NMS_KEEPS:
+        model = make_pio_nms_model(keep=keep)
+        import onnx
+
+        onnx.checker.check_model(model, full_check=True)
+        sessions[keep] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sessions
+
+
+@pytest.mark.parametrize("keep", NMS_KEEPS)
+def test_pio_nms_node_matches_the_reference(nms_sessions, keep):
+    """The fsr.PioNms function alone (one node, ONNX Runtime) against the two-pass reference: every
+    NMS case (ties, constant saliency, duplicates, clusters, zero vectors), one row each and as a batch."""
+    session = nms_sessions[keep]
+    cases = list(nms_cases())
+    for name, saliency, features in cases:
+        [got] = session.run(None, {"saliency": saliency[None].numpy(), "features": features[None].numpy()})
+        assert got.tolist() == [nms_reference(saliency, features, keep)], name
+    saliency = torch.stack([c[1] for c in cases])
+    features = torch.stack([c[2] for c in cases])
+    [got] = session.run(None, {"saliency": saliency.numpy(), "features": features.numpy()})
+    assert got.tolist() == [nms_reference(s, f, keep) for s, f in zip(saliency, features)]
+
+
+def test_pio_nms_node_on_random_spans_and_its_checks():
+    import onnxruntime as ort
+
+    from fsr.pruning.pio_nms_onnx import add_pio_nms_function, check_pio_nms_nodes, make_pio_nms_model
+
+    gen = torch.Generator().manual_seed(5)
+    for n, keep, width in [(576, 92, 16), (92, 54, 16), (40, 39, 8)]:
+        session = ort.InferenceSession(make_pio_nms_model(keep=keep).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        base = torch.randn(8, width, generator=gen)
+        features = base[torch.randint(0, 8, (2, n), generator=gen)] + 0.4 * torch.randn(2, n, width, generator=gen)
+        saliency = torch.rand(2, n, generator=gen)
+        [got] = session.run(None, {"saliency": saliency.numpy(), "features": features.numpy()})
+        assert got.tolist() == nms_static(saliency, features, keep).tolist()
+        assert got.tolist() == [nms_reference(s, f, keep) for s, f in zip(saliency, features)]
+    model = make_pio_nms_model(keep=3)
+    del model.functions[:]
+    with pytest.raises(PioError, match="not the fsr.PioNms function"):
+        check_pio_nms_nodes(model)
+    assert add_pio_nms_function(model) == 1 and check_pio_nms_nodes(model) == 1
+    model.graph.node[0].attribute[0].i = 0
+    with pytest.raises(PioError, match="keep must be an integer >= 1"):
+        check_pio_nms_nodes(model)
 
 
 def test_stage_weights_are_the_decoder_segments_weights(exported_stage, tmp_path):

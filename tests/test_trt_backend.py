@@ -207,3 +207,23 @@ def test_plugin_engine_matches_function_body_engine(gpu_export, images, prompts,
             outs[plugin] = pipe.vision(pixels, pipe.instruction_embeds(instructions))
     np.testing.assert_array_equal(outs[True][1], outs[False][1])
     np.testing.assert_allclose(outs[True][0], outs[False][0], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gpu_pio_export(export_pio64, tmp_path_factory):
+    _needs_gpu_and_tensorrt()
+    return _build(export_pio64, tmp_path_factory, "gpu-pio", precisions=("fp32",), max_batch=MAX_BATCH, max_seq=700)
+
+
+def test_trt_pio_pipeline_matches_onnxruntime(gpu_pio_export, images, prompts):
+    """PIO-FVLM on TensorRT: the pruning engines between the decoder-segment engines, device arrays
+    throughout; the same kept indices per stage and tokens as ONNX Runtime, batch 2 (left padding)."""
+    from fsr.runtime.pipeline import Pipeline
+
+    with Pipeline(gpu_pio_export, backend="ort") as ort_pipe:
+        expected = ort_pipe.generate(images[:2], prompts[:2], max_new_tokens=8)
+    with Pipeline(gpu_pio_export, backend="trt", precision="fp32") as trt_pipe:
+        got = trt_pipe.generate(images[:2], prompts[:2], max_new_tokens=8)
+    for e, g in zip(expected, got):
+        assert g.kept_indices == e.kept_indices
+        assert g.token_ids == e.token_ids

@@ -1,0 +1,48 @@
+"""`fsr.export.share.share_weights` on small hand-made graphs: same bytes under different shapes
+are two shared tensors with two names; a model parameter gives its name; every graph still runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from fsr.export.share import SHARED_PREFIX, share_weights
+from fsr.onnx_io import SHARED_WEIGHTS_DATA, SHARED_WEIGHTS_INDEX
+
+
+def _graph(path, weight: np.ndarray, name: str) -> None:
+    """y = x @ W for a [1, rows] input; ``W`` an initializer named ``name``."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, weight.shape[0]])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, weight.shape[1]])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", name], ["y"])], "g", [x], [y],
+                              [numpy_helper.from_array(weight, name)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save_model(model, path)
+
+
+@pytest.mark.parametrize("parameters", [False, True], ids=["no-parameters", "a-is-a-parameter"])
+def test_same_bytes_other_shape_are_two_shared_tensors(tmp_path, parameters):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((32, 64)).astype(np.float32)
+    b = a.reshape(64, 32)  # the same bytes, another shape
+    paths = {}
+    for i, (weight, label) in enumerate([(a, "w_a"), (a, "other_a"), (b, "w_b"), (b, "other_b")]):
+        paths[f"g{i}"] = tmp_path / f"g{i}.onnx"
+        _graph(paths[f"g{i}"], weight, label)
+    index = share_weights(tmp_path, paths, parameters=[("layer.weight", a)] if parameters else [])
+    assert json.loads((tmp_path / SHARED_WEIGHTS_INDEX).read_text()) == index
+    names = sorted(index["tensors"])
+    assert len(names) == 2 and all(n.startswith(SHARED_PREFIX) for n in names)
+    assert (f"{SHARED_PREFIX}layer.weight" in names) == bool(parameters)  # one parameter's bytes: its name
+    assert index["graphs"]["g0"] == index["graphs"]["g1"] != index["graphs"]["g2"] == index["graphs"]["g3"]
+    assert (tmp_path / SHARED_WEIGHTS_DATA).stat().st_size < 2 * a.nbytes + 4096 + 1
+    for i, weight in enumerate([a, a, b, b]):
+        x = rng.standard_normal((1, weight.shape[0])).astype(np.float32)
+        session = ort.InferenceSession(str(paths[f"g{i}"]), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight, rtol=1e-5, atol=1e-5)
