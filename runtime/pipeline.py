@@ -415,10 +415,10 @@ def kept_per_row(vision_kept: list | None, llm_kept: list[list]) -> list:
     entry per LLM stage (``llm_kept[b][i]`` are indices of the span that entered the LLM)."""
     rows = []
     for b, stages in enumerate(llm_kept):
-        base = None if vision_kept is None else np.asarray(vision_kept[b])
-        if not stages:
+        if not stages:  # as the vision side gave it (a multi-crop family: one array per crop)
             rows.append(None if vision_kept is None else vision_kept[b])
             continue
+        base = None if vision_kept is None else np.asarray(vision_kept[b])
         mapped = [(np.asarray(k) if base is None else base[np.asarray(k)]).tolist() for k in stages]
         rows.append(mapped if base is None else [base.tolist(), *mapped])
     return rows

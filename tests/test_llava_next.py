@@ -340,3 +340,18 @@ def test_7b_preset_plans_its_graphs_on_the_meta_device():
                                                                   "prune_b214"]
     image = describe(loaded, ExportSettings("fsr", budget=960, fsr_scope="image"))
     assert [g for g in image.graphs if g.startswith("prune_")] == ["prune_b960"]
+
+
+def test_pruning_inside_the_llm_is_refused_with_a_message(tmp_path):
+    """A NeXT image's token count varies with its grid; a method that prunes inside the LLM plans fixed
+    token counts per stage: fsr-export refuses it (exit 2, the reason, nothing written)."""
+    from typer.testing import CliRunner
+
+    from fsr.export.cli import app
+
+    out = tmp_path / "x"
+    r = CliRunner().invoke(app, ["llava-next", "--method", "pio-fvlm", "--pio-schedule", "1:32", "-o", str(out)])
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "gives each image a variable number of tokens" in text and "cannot be exported for it" in text
+    assert not out.exists() and list(tmp_path.iterdir()) == []
