@@ -354,3 +354,20 @@ def test_preset_exports_are_made_once_and_reused(tmp_path):
     assert len(calls) == 3 and all(r["reused"] for r in second)
     again = ensure_preset_exports("tiny", [64], tmp_path, exporter=exporter, loader=loader, force=True)
     assert calls[3:] == [("none", None), ("fsr", 64)] and not any(r["reused"] for r in again)
+
+
+def test_backend_variants_side_by_side(export_none, tmp_path):
+    """``python -m fsr.bench.variants``: one export under several backend options, interleaved."""
+    from fsr.bench import variants
+
+    out = tmp_path / "variants.json"
+    assert variants.main([str(export_none), "--variant", "default:", "--variant", "plain:fused=false,spin=on,"
+                          "embed_lookup=false", "--repeat", "2", "--warmup", "0", "--new-tokens", "3",
+                          "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["variant"], r["options"]) for r in doc["rows"]] == [
+        ("default", {}), ("plain", {"fused": False, "spin": "on", "embed_lookup": False})]
+    assert all(r["timings_ms"]["ttft"]["n"] == 2 and r["loadavg"]["n"] == 2 for r in doc["rows"])
+    assert variants.parse_variant("spin=stop") == ("spin=stop", {"spin": "stop"})
+    with pytest.raises(variants.BenchError):
+        variants.parse_variant("x:spin")
