@@ -128,7 +128,9 @@ def test_saved_files_are_polygraphy_json(report_fsr64):
     assert all(f["past_key_values.0.key"].shape[2] > 0 for f in feeds)  # past length > 0
     reference = RunResults.load(files["reference_outputs"])
     assert list(reference.keys()) == ["torch"] and len(reference["torch"]) == 2
-    assert reference["torch"][0]["logits"].shape == feeds[0]["inputs_embeds"].shape[:2] + (261,)
+    # the decoder's default: the last position's logits (every position's K/V is compared as present.*)
+    assert reference["torch"][0]["logits"].shape == feeds[0]["inputs_embeds"].shape[:1] + (1, 261)
+    assert reference["torch"][0]["present.0.key"].shape[2] == feeds[0]["attention_mask"].shape[1]
 
 
 # ---------------------------------------------------------------------------- a corrupted weight fails
