@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from fsr.engines.plugin_graph import (
 from fsr.engines.profiles import graph_profiles, check_limits
 from fsr.engines.records import ENGINES_DIR, PRECISIONS, engine_id, engine_path, hash_files, write_atomic
 from fsr.engines.trt_import import TensorRT, import_tensorrt
+from fsr.files import clean_stale, safe_writes
 from fsr.manifest import (
     EngineEntry, EngineSource, Manifest, ManifestError, read_manifest, sha256, update_manifest,
 )
@@ -97,6 +99,8 @@ class Progress:
     def engine_done(self, report: EngineReport) -> None: ...
 
 
+@safe_writes("TensorRT engines", interrupted="the engines already built are complete and recorded in "
+                                            "manifest.json; nothing half-written was left")
 def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
                   progress: Progress | None = None, trt: TensorRT | None = None) -> BuildReport:
     settings = settings or BuildSettings()
@@ -112,6 +116,8 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
         raise ManifestError(f"the export has no graph(s) {unknown} (it has {', '.join(manifest.graphs)})")
     warnings = _limit_warnings(manifest, settings)
     method = get_method(manifest.method.name)
+    for folder in (export_dir, export_dir / ENGINES_DIR):  # temporaries of a killed fsr-build
+        warnings += clean_stale(folder).notes()
 
     libraries: tuple[Path, ...] = ()
     if settings.plugin:
@@ -155,11 +161,10 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
             raise EngineBuildError(f"graph {graph!r} ({settings.precision}): {exc}") from exc
         seconds = time.perf_counter() - start
         path = engine_path(export_dir, graph, settings.precision, use_plugin)
-        write_atomic(path, data)
         rel = path.relative_to(export_dir).as_posix()
         entry = EngineEntry(
             graph=graph, precision=settings.precision, plugin=use_plugin, file=rel, size_bytes=len(data),
-            sha256=sha256(path), source=EngineSource(source_rel, source_files),
+            sha256=hashlib.sha256(data).hexdigest(), source=EngineSource(source_rel, source_files),
             profiles=[p.to_json() for p in profiles],
             tensorrt={"flavour": trt.flavour, "version": trt.version},
             built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -167,7 +172,9 @@ def build_engines(export_dir: Path, settings: BuildSettings | None = None, *,
             max_batch=settings.max_batch, max_seq=settings.max_seq)
         if hash_files(export_dir, source_files) != source_files:
             raise ManifestError(f"{source_rel} changed while its engine was being built; run fsr-build again")
-        manifest = update_manifest(export_dir, lambda m: m.engines.__setitem__(name, entry))
+        # the manifest records the engine before the engine file takes its name: no engine outside the manifest
+        write_atomic(path, data, before_replace=lambda: update_manifest(
+            export_dir, lambda m: m.engines.__setitem__(name, entry)))
         report = EngineReport(name, graph, settings.precision, use_plugin, rel, len(data), round(seconds, 3),
                               entry.profiles, trt.flavour, trt.version, build.stats.low_precision_nodes)
         reports.append(report)

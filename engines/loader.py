@@ -25,6 +25,8 @@ from fsr.engines.profiles import Profile
 from fsr.engines.records import write_atomic
 from fsr.engines.trt_import import TensorRT, import_tensorrt, make_logger
 from fsr.errors import FsrError
+from fsr.files import partial_prefix
+
 
 class EngineBuildError(FsrError, RuntimeError):
     """TensorRT could not parse or build a graph; the message names the graph and the cause."""
@@ -107,7 +109,7 @@ class EngineBytesFromOnnx:
                 f"from it. Build with --precision {graph_type}, or export in fp32 (fsr-export --dtype fp32)")
         if graph_type in (None, self.precision) or self.precision == "fp32":
             return self._build(trt, self.path)
-        with tempfile.TemporaryDirectory(prefix=".convert-", dir=self.work_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=partial_prefix("convert"), dir=self.work_dir) as tmp:
             converted = Path(tmp) / f"{self.path.stem}.{self.precision}.onnx"
             self.progress(f"rewriting the graph for {self.precision}")
             self.stats.low_precision_nodes = convert_onnx_file(self.path, converted, self.precision)

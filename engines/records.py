@@ -28,10 +28,9 @@ rewritten atomically (`fsr.manifest.update_manifest`).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from fsr.files import atomic_write
 from fsr.manifest import EngineEntry, Manifest, ManifestError, sha256, update_manifest  # noqa: F401 (re-exported)
 
 ENGINES_DIR = "engines"
@@ -50,19 +49,7 @@ def engine_path(export_dir: Path, graph: str, precision: str, plugin: bool = Fal
     return Path(export_dir) / ENGINES_DIR / f"{engine_id(graph, precision, plugin)}.engine"
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+write_atomic = atomic_write  # temporary beside the file, fsync, rename (fsr.files)
 
 
 def hash_files(export_dir: Path, rels) -> dict[str, str]:

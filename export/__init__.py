@@ -1,7 +1,7 @@
 """fsr.export: trace a model of a registered family to ONNX, its pruning method inside.
 
 - `ExportSettings`, `export_model`, `describe` (``exporter.py``);
-- `trace_to_onnx` (``trace.py``); `prepare_output` / `commit_output` (``output.py``);
+- `trace_to_onnx` (``trace.py``); output folders are written through `fsr.files.OutputFolder`;
 - ``cli.py``: ``fsr-export <family>``.
 
 Names load on first use, so that ``fsr-export --help`` starts without torch.
@@ -11,7 +11,7 @@ import importlib
 
 _NAMES = {
     "ExportSettings": "exporter", "describe": "exporter", "export_model": "exporter", "graph_entry": "exporter",
-    "ExportConfigError": "output", "commit_output": "output", "prepare_output": "output",
+    "ExportConfigError": "exporter",
     "ExportError": "trace", "trace_to_onnx": "trace",
 }
 

@@ -20,6 +20,7 @@ import typer
 
 import fsr.export
 from fsr.cli import command, err, make_app, run_app
+from fsr.files import check_output_folder
 from fsr.models import FAMILIES, check_checkpoint, get_spec, load_model, resolve_model_path
 from fsr.models.registry import FamilyEntry
 from fsr.pruning.methods import MethodError, get_method, method_names, methods
@@ -122,9 +123,7 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
         tag = method.name if budget is None or not method.prunes else f"{method.name}-b{budget}"
         output = Path("exports") / f"{entry.name}-{Path(name).name}-{tag}"
     force = values["force"]
-    if output.exists() and not force:
-        raise fsr.export.ExportConfigError(
-            f"{output} already exists; pass --force to replace it, or choose another --output")
+    check_output_folder(output, force=force)  # before loading anything; checked again when writing
     if model is None:
         err.print(f"[bold]--model not given: using the built-in '{entry.default_preset}' preset[/] "
                   f"(random weights, seed {values['seed']}, {entry.summary.split(':')[0]} geometry)")
@@ -143,9 +142,9 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
                 status.update(step)
 
             fsr.export.export_model(loaded, output, export_settings, force=force, progress=progress)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted:[/] nothing was written")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:  # fsr.files.Interrupted says what became of the output
+        err.print(f"[red]{exc or 'interrupted: nothing was written'}[/]")
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     n_image = get_spec(entry.name).num_image_tokens(loaded.config)
     err.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
               f"({method.describe(settings, n_image)}, {dtype})")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,8 +33,9 @@ import onnx.compose
 import onnx_graphsurgeon as gs
 import torch
 
-from fsr.export.output import ExportConfigError, commit_output, prepare_output
+from fsr.errors import FsrError
 from fsr.export.trace import save_forms, trace, trace_to_onnx
+from fsr.files import OutputFolder
 from fsr.graph_passes import finalize
 from fsr.manifest import (
     SOURCE_DIR, DecoderSegment, FileRecord, GraphEntry, GraphForm, ImageInfo, Manifest, MethodInfo, ModelInfo,
@@ -50,6 +50,9 @@ from fsr.settings import DTYPES, Settings
 #: the vision graph's tensor between a method placed before the projector and the projector
 PRUNED_FEATURES = "pruned_features"
 
+
+class ExportConfigError(FsrError, ValueError):
+    """Bad export settings; the message names the setting and the fix."""
 
 
 class ExportSettings:
@@ -139,17 +142,18 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
 
 def export_model(loaded: LoadedModel, output: Path, settings: ExportSettings, *, force: bool = False,
                  progress: Callable[[str], None] = _noop) -> Path:
-    """Export ``loaded`` into ``output`` (atomically). Returns the export folder."""
+    """Export ``loaded`` into ``output`` (atomically: `fsr.files.OutputFolder`). Returns the export folder.
+
+    Everything is written into a temporary folder beside ``output`` and moved into place in
+    one step at the end, so a failure or an interrupt never leaves a half-written export;
+    ``force`` replaces only an earlier export, never another folder.
+    """
     settings.validate()
     output = Path(output)
-    tmp = prepare_output(output, force)
-    try:
-        _export_into(loaded, tmp, settings, progress)
+    with OutputFolder(output, force=force, note=progress) as out:
+        _export_into(loaded, out.path, settings, progress)
         progress("moving the export into place")
-        commit_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.commit()
     return output
 
 

@@ -15,7 +15,9 @@
 
 - an expected error (`fsr.errors.FsrError`: bad input, bad settings, an altered export, a
   back end that cannot run here) prints ``error: <message>`` and exits with its exit code (2);
-- Ctrl-C prints ``interrupted`` and exits 130;
+- Ctrl-C, SIGTERM and SIGHUP (`fsr.files.signals_as_interrupts` runs around every command)
+  print ``interrupted ...`` with what became of the output, and exit 128 + the signal number
+  (130 for Ctrl-C);
 - anything else is a bug: ``internal error: <type>: <first line>`` and a pointer to
   ``--debug``, which prints the traceback; exit code 3.
 
@@ -40,6 +42,7 @@ from rich.console import Console
 from rich.text import Text
 
 from fsr.errors import FsrError
+from fsr.files import signals_as_interrupts
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
@@ -73,15 +76,16 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with signals_as_interrupts():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except FsrError as exc:
             print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            print_error("stopped by Ctrl-C", "interrupted")
-            raise typer.Exit(INTERRUPTED) from None
+        except KeyboardInterrupt as exc:  # fsr.files.Interrupted says which signal and what was kept
+            err.print(Text(str(exc) or "interrupted: stopped by Ctrl-C", style="bold red"), highlight=False)
+            raise typer.Exit(getattr(exc, "exit_code", INTERRUPTED)) from None
         except Exception as exc:  # a bug: one line, the traceback on request
             if debug:
                 traceback.print_exc()

@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from importlib import metadata
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from fsr.errors import FsrError
+from fsr.files import atomic_write, locked
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -453,28 +453,19 @@ def read_manifest(root: Path, *, verify: bool = False) -> Manifest:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (temporary file in the folder, fsync, rename)."""
-    path = Path(root) / MANIFEST
-    text = json.dumps(manifest.to_json(), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``manifest.json`` atomically (`fsr.files.atomic_write`: temporary file in the
+    folder, fsync, rename)."""
+    return atomic_write(Path(root) / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
 
 
 def update_manifest(root: Path, change: Callable[[Manifest], None]) -> Manifest:
-    """Re-read the manifest, apply ``change`` to it, write it back atomically; returns it."""
-    manifest = read_manifest(root)
-    change(manifest)
-    write_manifest(root, manifest)
+    """Re-read the manifest, apply ``change`` to it, write it back atomically; returns it.
+    Holds a lock on the export folder meanwhile, so concurrent writers (two ``fsr-build``
+    runs) lose no entry."""
+    with locked(Path(root)):
+        manifest = read_manifest(root)
+        change(manifest)
+        write_manifest(root, manifest)
     return manifest
 
 

@@ -1,7 +1,8 @@
 // Device code of FocusScanRefine (internal; included by focusScanRefineKernel.cu only).
 //
-// Three kernels per call, all rows of the batch at once:
+// Four kernels per call, all rows of the batch at once:
 //   1. gramKernel           G = f f^T per row, fp32, raw features      (64x64 tiles, whole GPU)
+//      squaredNormKernel    n_i = f_i . f_i, sequential, not fused     (one thread per token)
 //   2. selectKernel<ITEMS>  scores, focus, scan, refine assignment,    (one block per row)
 //                           output order
 //   3. mergeKernel<T>       kept rows: copy, or phi-weighted merge of  (one block per kept token)
@@ -13,9 +14,11 @@
 //     powf otherwise; ties everywhere go to the lower original index, implemented with 64-bit keys
 //     (order-preserving float bits in the high word, index in the low word);
 //   * K_F from one thread's sequential fp32 prefix sums in sorted order;
-//   * cos[i][j] = G[i][j] / sqrt(G[i][i] * G[j][j]), 0 where that denominator is 0, with G the Gram
-//     matrix of the fp32 features. Each G element is one fmaf chain over k in increasing order, so
-//     G[i][j] == G[j][i] and identical feature rows give identical entries (cosine exactly 1);
+//   * cos[i][j] = G[i][j] / sqrt(n_i * n_j), 0 where that denominator is 0, exactly 1 for duplicate
+//     rows (G[i][j] == G[j][j] and n_i == n_j), with G the Gram matrix of the fp32 features (each
+//     element one fmaf chain over k in increasing order, so identical rows give identical entries)
+//     and n_i = f_i . f_i summed one rounded square at a time in k order (no FMA), as every other
+//     implementation computes it;
 //   * a merged anchor is (phi_j t_j + sum_i phi_i t_i) / (phi_j + sum_i phi_i), anchor first, then
 //     members in ascending index, each product and sum rounded separately (no FMA contraction).
 // Needs IEEE division and sqrt: never build with --use_fast_math / -prec-div=false / -prec-sqrt=false.
@@ -68,6 +71,7 @@ struct SelectArgs
     void const* relevance; // [B, N] or nullptr
     int32_t scoresHalf;    // scores are fp16 (else fp32)
     float const* gram;     // [B, N, N], f f^T (not normalised)
+    float const* sqNorm;   // [B, N], n_i = f_i . f_i (sequential, not fused)
     float* phi;            // [B, N]
     int32_t* picks;        // [B, N]: scan order, first K used
     int32_t* memberOf;     // [B, N]: group id of each token for the merge (see selectKernel)
@@ -150,11 +154,16 @@ __device__ __forceinline__ float fsrPow(float x, float e)
     return powf(x, e);
 }
 
-//! cos(i, j) from the raw Gram matrix: g_ij / sqrt(g_ii * g_jj), 0 when that denominator is 0.
-__device__ __forceinline__ float cosineFromGram(float gij, float gii, float gjj)
+//! cos(i, j) (pruning/README.md, convention 6): g_ij / sqrt(n_i * n_j), 0 when that denominator is
+//! 0, exactly 1 for a duplicate row (g_ij == g_jj, the Gram entry of j with itself, and n_i == n_j).
+__device__ __forceinline__ float cosineFromGram(float gij, float gjj, float ni, float nj)
 {
-    float const denominator = sqrtf(__fmul_rn(gii, gjj));
-    return denominator > 0.0F ? gij / denominator : 0.0F;
+    float const denominator = sqrtf(__fmul_rn(ni, nj));
+    if (!(denominator > 0.0F))
+    {
+        return 0.0F;
+    }
+    return (gij == gjj && ni == nj) ? 1.0F : gij / denominator;
 }
 
 //! Order-preserving map of a float to uint32 (ascending); -0 is folded onto +0 so that equal values
@@ -469,6 +478,27 @@ __global__ void __launch_bounds__(kGramThreads) gramKernel(
     }
 }
 
+//! sqNorm[t] = f_t . f_t for the B*N rows t of the features: each square rounded, then added one
+//! at a time in k order (__fmul_rn / __fadd_rn: no contraction), the definition every implementation
+//! shares (pruning/README.md, convention 6). One thread per row.
+__global__ void squaredNormKernel(
+    void const* features, int32_t featuresHalf, float* sqNorm, int64_t rows, int32_t featureDim)
+{
+    int64_t const t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= rows)
+    {
+        return;
+    }
+    int64_t const offset = t * featureDim;
+    float acc = 0.0F;
+    for (int32_t k = 0; k < featureDim; ++k)
+    {
+        float const x = loadAsFloat(features, featuresHalf, offset + k);
+        acc = __fadd_rn(acc, __fmul_rn(x, x));
+    }
+    sqNorm[t] = acc;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Selection: scores, focus, scan, refine assignment, output order (one block per row)
 // ---------------------------------------------------------------------------------------------
@@ -499,6 +529,7 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
     int32_t* picks = args.picks + rowOff;
     int32_t* memberOf = args.memberOf + rowOff;
     float const* gram = args.gram + rowOff * n;
+    float const* sqNorm = args.sqNorm + rowOff;
     bool const hasRelevance = args.relevance != nullptr;
 
     // --- 1. norm01 ranges: min and -max of saliency and relevance -------------------------------
@@ -580,7 +611,7 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
 
     // --- 4. Scan: running min over the taken set of the distance 1 - cos[i][j] ------------------
     float dmin[ITEMS];
-    float diag[ITEMS]; // G[i][i] of the owned tokens
+    float diag[ITEMS]; // n_i of the owned tokens
     bool taken[ITEMS];
 #pragma unroll
     for (int32_t q = 0; q < ITEMS; ++q)
@@ -588,7 +619,7 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
         int32_t const i = tid + q * bd;
         dmin[q] = INFINITY;
         taken[q] = i >= n || cls[i] != kClsDiscarded;
-        diag[q] = i < n ? gram[static_cast<int64_t>(i) * n + i] : 0.0F;
+        diag[q] = i < n ? sqNorm[i] : 0.0F;
     }
     // Focus tokens are the first K_F picks; no barrier needed between their updates. Four rows per
     // iteration keep several loads in flight (min is exact, so the order does not matter).
@@ -598,12 +629,14 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
         int32_t j[4];
         float const* g[4];
         float gjj[4];
+        float njj[4];
 #pragma unroll
         for (int32_t r = 0; r < 4; ++r)
         {
             j[r] = keyIndex(keys[t0 + r]);
             g[r] = gram + static_cast<int64_t>(j[r]) * n;
             gjj[r] = g[r][j[r]];
+            njj[r] = sqNorm[j[r]];
         }
 #pragma unroll
         for (int32_t q = 0; q < ITEMS; ++q)
@@ -620,7 +653,7 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
 #pragma unroll
                 for (int32_t r = 0; r < 4; ++r)
                 {
-                    dmin[q] = fminf(dmin[q], 1.0F - cosineFromGram(c[r], diag[q], gjj[r]));
+                    dmin[q] = fminf(dmin[q], 1.0F - cosineFromGram(c[r], gjj[r], diag[q], njj[r]));
                 }
             }
         }
@@ -630,12 +663,13 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
         int32_t const j = keyIndex(keys[t0]);
         float const* g = gram + static_cast<int64_t>(j) * n;
         float const gjj = g[j];
+        float const njj = sqNorm[j];
 #pragma unroll
         for (int32_t q = 0; q < ITEMS; ++q)
         {
             if (!taken[q])
             {
-                dmin[q] = fminf(dmin[q], 1.0F - cosineFromGram(g[tid + q * bd], diag[q], gjj));
+                dmin[q] = fminf(dmin[q], 1.0F - cosineFromGram(g[tid + q * bd], gjj, diag[q], njj));
             }
         }
     }
@@ -669,12 +703,13 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
         }
         float const* g = gram + static_cast<int64_t>(j) * n;
         float const gjj = g[j];
+        float const njj = sqNorm[j];
 #pragma unroll
         for (int32_t q = 0; q < ITEMS; ++q)
         {
             if (!taken[q])
             {
-                dmin[q] = fminf(dmin[q], 1.0F - cosineFromGram(g[tid + q * bd], diag[q], gjj));
+                dmin[q] = fminf(dmin[q], 1.0F - cosineFromGram(g[tid + q * bd], gjj, diag[q], njj));
             }
         }
     }
@@ -750,12 +785,14 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
             int32_t s[4];
             float const* g[4];
             float gss[4];
+            float nss[4];
 #pragma unroll
             for (int32_t r = 0; r < 4; ++r)
             {
                 s[r] = anchors[u + r];
                 g[r] = gram + static_cast<int64_t>(s[r]) * n;
                 gss[r] = g[r][s[r]];
+                nss[r] = sqNorm[s[r]];
             }
 #pragma unroll
             for (int32_t q = 0; q < ITEMS; ++q)
@@ -772,7 +809,7 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
 #pragma unroll
                     for (int32_t r = 0; r < 4; ++r)
                     {
-                        consider(cosineFromGram(c[r], diag[q], gss[r]), s[r], sim[q], assign[q]);
+                        consider(cosineFromGram(c[r], gss[r], diag[q], nss[r]), s[r], sim[q], assign[q]);
                     }
                 }
             }
@@ -782,12 +819,13 @@ __global__ void __launch_bounds__(1024) selectKernel(SelectArgs args)
             int32_t const s = anchors[u];
             float const* g = gram + static_cast<int64_t>(s) * n;
             float const gss = g[s];
+            float const nss = sqNorm[s];
 #pragma unroll
             for (int32_t q = 0; q < ITEMS; ++q)
             {
                 if (!taken[q])
                 {
-                    consider(cosineFromGram(g[tid + q * bd], diag[q], gss), s, sim[q], assign[q]);
+                    consider(cosineFromGram(g[tid + q * bd], gss, diag[q], nss), s, sim[q], assign[q]);
                 }
             }
         }

@@ -97,14 +97,15 @@ struct Problem
 
 bool makeProblem(int32_t tokensDtype, int32_t featuresDtype, int32_t scoresDtype, int32_t batch, int32_t numTokens,
     int32_t tokenDim, int32_t featureDim, int32_t budget, float alpha, float beta, float rho, float kappa,
-    Problem& out)
+    float keepRatio, Problem& out)
 {
     if ((tokensDtype != 0 && tokensDtype != 1) || (featuresDtype != 0 && featuresDtype != 1)
         || (scoresDtype != 0 && scoresDtype != 1))
     {
         return false;
     }
-    if (batch < 0 || numTokens < 0 || tokenDim < 1 || featureDim < 1 || budget < 1)
+    if (batch < 0 || numTokens < 0 || tokenDim < 1 || featureDim < 1 || budget < 1 || !(keepRatio >= 0.0F)
+        || keepRatio > 1.0F)
     {
         return false;
     }
@@ -117,9 +118,10 @@ bool makeProblem(int32_t tokensDtype, int32_t featuresDtype, int32_t scoresDtype
     out.params.beta = beta;
     out.params.rho = rho;
     out.params.kappa = kappa;
+    out.params.keepRatio = keepRatio;
     size_t const b = static_cast<size_t>(batch);
     size_t const n = static_cast<size_t>(numTokens);
-    size_t const k = static_cast<size_t>(fsr::kernels::keptCount(budget, numTokens));
+    size_t const k = static_cast<size_t>(numTokens > 0 ? fsr::kernels::keptCount(budget, keepRatio, numTokens) : 0);
     out.tokensBytes = b * n * tokenDim * elementSize(tokensDtype);
     out.featuresBytes = b * n * featureDim * elementSize(featuresDtype);
     out.scoresBytes = b * n * elementSize(scoresDtype);
@@ -145,7 +147,8 @@ cudaError_t stage(DeviceBuffers& buffers, Problem const& problem, void const* to
     void const* saliency, void const* relevance, Staged& d)
 {
     FocusScanRefineParams const& p = problem.params;
-    d.workspaceBytes = fsr::kernels::focusScanRefineWorkspaceSize(p.batch, p.numTokens, p.featureDim, p.budget);
+    int32_t const keep = p.numTokens > 0 ? fsr::kernels::keptCount(p.budget, p.keepRatio, p.numTokens) : 0;
+    d.workspaceBytes = fsr::kernels::focusScanRefineWorkspaceSize(p.batch, p.numTokens, p.featureDim, keep);
     cudaError_t status = buffers.upload(&d.tokens, tokens, problem.tokensBytes);
     if (status == cudaSuccess)
         status = buffers.upload(&d.features, features, problem.featuresBytes);
@@ -177,9 +180,15 @@ FSR_API char const* fsr_error_string(int32_t code)
     return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
-FSR_API uint64_t fsr_workspace_size(int32_t batch, int32_t numTokens, int32_t featureDim, int32_t budget)
+FSR_API uint64_t fsr_workspace_size(int32_t batch, int32_t numTokens, int32_t featureDim, int32_t keep)
 {
-    return fsr::kernels::focusScanRefineWorkspaceSize(batch, numTokens, featureDim, budget);
+    return fsr::kernels::focusScanRefineWorkspaceSize(batch, numTokens, featureDim, keep);
+}
+
+//! K for N tokens (host code: runs without a GPU), the formula the kernels and the plugin use.
+FSR_API int32_t fsr_kept_count(int32_t budget, float keepRatio, int32_t numTokens)
+{
+    return fsr::kernels::keptCount(budget, keepRatio, numTokens);
 }
 
 FSR_API int32_t fsr_max_tokens(void)
@@ -188,15 +197,15 @@ FSR_API int32_t fsr_max_tokens(void)
 }
 
 //! One synchronous run. relevance may be NULL (term omitted). Outputs: pruned [B,K,D] in the
-//! tokens dtype, kept_indices [B,K] int64, K = min(budget, N).
+//! tokens dtype, kept_indices [B,K] int64, K = fsr_kept_count(budget, keepRatio, N).
 FSR_API int32_t fsr_run_host(void const* tokens, int32_t tokensDtype, void const* features, int32_t featuresDtype,
     void const* saliency, void const* relevance, int32_t scoresDtype, void* pruned, int64_t* keptIndices,
     int32_t batch, int32_t numTokens, int32_t tokenDim, int32_t featureDim, int32_t budget, float alpha, float beta,
-    float rho, float kappa)
+    float rho, float kappa, float keepRatio)
 {
     Problem problem;
     if (!makeProblem(tokensDtype, featuresDtype, scoresDtype, batch, numTokens, tokenDim, featureDim, budget, alpha,
-            beta, rho, kappa, problem))
+            beta, rho, kappa, keepRatio, problem))
     {
         return static_cast<int32_t>(cudaErrorInvalidValue);
     }
@@ -220,12 +229,12 @@ FSR_API int32_t fsr_run_host(void const* tokens, int32_t tokensDtype, void const
 FSR_API int32_t fsr_bench_host(void const* tokens, int32_t tokensDtype, void const* features, int32_t featuresDtype,
     void const* saliency, void const* relevance, int32_t scoresDtype, int32_t batch, int32_t numTokens,
     int32_t tokenDim, int32_t featureDim, int32_t budget, float alpha, float beta, float rho, float kappa,
-    int32_t warmup, int32_t iterations, float* timesMs)
+    float keepRatio, int32_t warmup, int32_t iterations, float* timesMs)
 {
     Problem problem;
     if (iterations < 1 || warmup < 0 || timesMs == nullptr
         || !makeProblem(tokensDtype, featuresDtype, scoresDtype, batch, numTokens, tokenDim, featureDim, budget, alpha,
-            beta, rho, kappa, problem))
+            beta, rho, kappa, keepRatio, problem))
     {
         return static_cast<int32_t>(cudaErrorInvalidValue);
     }

@@ -1,4 +1,4 @@
-// FocusScanRefine launcher: validates sizes, carves the workspace, launches the three kernels of
+// FocusScanRefine launcher: validates sizes, carves the workspace, launches the kernels of
 // focusScanRefineDevice.cuh on one stream. No TensorRT header here.
 #include "focusScanRefineKernel.h"
 
@@ -32,6 +32,7 @@ int32_t nextPowerOfTwo(int32_t n)
 struct WorkspaceLayout
 {
     size_t gram{0};     // B*N*N float
+    size_t sqNorm{0};   // B*N float
     size_t phi{0};      // B*N float
     size_t picks{0};    // B*N int32
     size_t memberOf{0}; // B*N int32
@@ -51,6 +52,7 @@ struct WorkspaceLayout
             return at;
         };
         gram = take(b * n * n * sizeof(float));
+        sqNorm = take(b * n * sizeof(float));
         phi = take(b * n * sizeof(float));
         picks = take(b * n * sizeof(int32_t));
         memberOf = take(b * n * sizeof(int32_t));
@@ -106,9 +108,9 @@ cudaError_t launchSelect(detail::SelectArgs const& args, int32_t batch, cudaStre
 
 } // namespace
 
-size_t focusScanRefineWorkspaceSize(int32_t batch, int32_t numTokens, int32_t /*featureDim*/, int32_t budget)
+size_t focusScanRefineWorkspaceSize(int32_t batch, int32_t numTokens, int32_t /*featureDim*/, int32_t keep)
 {
-    if (batch <= 0 || numTokens <= 0 || budget >= numTokens)
+    if (batch <= 0 || numTokens <= 0 || keep >= numTokens)
     {
         return 0;
     }
@@ -130,7 +132,8 @@ cudaError_t launchFocusScanRefine(T const* tokens, void const* features, FloatTy
     int32_t const n = params.numTokens;
     int32_t const d = params.tokenDim;
     int32_t const f = params.featureDim;
-    if (batch < 0 || n < 0 || d < 1 || f < 1 || params.budget < 1 || n > kMaxTokens || batch > 65535)
+    if (batch < 0 || n < 0 || d < 1 || f < 1 || params.budget < 1 || n > kMaxTokens || batch > 65535
+        || !(params.keepRatio >= 0.0F && params.keepRatio <= 1.0F))
     {
         return cudaErrorInvalidValue;
     }
@@ -143,7 +146,7 @@ cudaError_t launchFocusScanRefine(T const* tokens, void const* features, FloatTy
     {
         return cudaErrorInvalidValue;
     }
-    int32_t const keep = keptCount(params.budget, n);
+    int32_t const keep = keptCount(params.budget, params.keepRatio, n);
 
     // budget >= N: identity (all tokens, indices 0..N-1).
     if (keep == n)
@@ -168,6 +171,7 @@ cudaError_t launchFocusScanRefine(T const* tokens, void const* features, FloatTy
     }
     auto* ws = static_cast<unsigned char*>(workspace);
     float* gram = reinterpret_cast<float*>(ws + layout.gram);
+    float* sqNorm = reinterpret_cast<float*>(ws + layout.sqNorm);
     float* phi = reinterpret_cast<float*>(ws + layout.phi);
     int32_t* picks = reinterpret_cast<int32_t*>(ws + layout.picks);
     int32_t* memberOf = reinterpret_cast<int32_t*>(ws + layout.memberOf);
@@ -185,6 +189,14 @@ cudaError_t launchFocusScanRefine(T const* tokens, void const* features, FloatTy
     {
         return status;
     }
+    int64_t const rows = static_cast<int64_t>(batch) * n;
+    detail::squaredNormKernel<<<static_cast<uint32_t>((rows + 255) / 256), 256, 0, stream>>>(
+        features, featuresType == FloatType::kFLOAT16 ? 1 : 0, sqNorm, rows, f);
+    status = cudaGetLastError();
+    if (status != cudaSuccess)
+    {
+        return status;
+    }
 
     // 2. per-row selection
     detail::SelectArgs args{};
@@ -192,6 +204,7 @@ cudaError_t launchFocusScanRefine(T const* tokens, void const* features, FloatTy
     args.relevance = relevance;
     args.scoresHalf = scoresType == FloatType::kFLOAT16 ? 1 : 0;
     args.gram = gram;
+    args.sqNorm = sqNorm;
     args.phi = phi;
     args.picks = picks;
     args.memberOf = memberOf;

@@ -1,5 +1,6 @@
 // FocusScanRefine TensorRT plugin (TensorRT 10, IPluginV3). Shapes, formats, serialization and an
 // enqueue that only dispatches on the tokens dtype and calls fsr::kernels::launchFocusScanRefine.
+// Attribute names, defaults and ranges: focusScanRefineIdentity.h (generated from the op's YAML).
 //
 // NOTE: compiled (syntax + object, g++ 12) against excerpts of the public TensorRT 10.0 headers only;
 // never built with a full TensorRT install, linked against libnvinfer or run; see README.md.
@@ -136,14 +137,49 @@ float readFloat(PluginField const& field)
     throw std::invalid_argument(std::string("attribute '") + field.name + "' must be a float");
 }
 
-//! The attribute domain of the PyTorch reference (pruning/_numerics.py, check_attributes).
-void validateAttributes(FocusScanRefineAttributes const& a)
+static_assert(identity::kPluginMaxTokens == kernels::kMaxTokens, "identity file and kernels disagree on max N");
+static_assert(identity::kNbOutputs == 2 && identity::kMinInputs == 3 && identity::kMaxInputs == 4,
+    "the plugin implements tokens, features, saliency[, relevance] -> pruned, kept_indices");
+
+//! Pointer to the field of `a` that holds attribute `index` (identity::kBudget, ...).
+void* attributeField(FocusScanRefineAttributes& a, int32_t index)
 {
-    check(a.budget >= 1, "attribute 'budget' must be >= 1, got " + std::to_string(a.budget));
-    check(std::isfinite(a.alpha) && a.alpha >= 0.0F, "attribute 'alpha' must be finite and >= 0");
-    check(std::isfinite(a.beta) && a.beta >= 0.0F, "attribute 'beta' must be finite and >= 0");
-    check(std::isfinite(a.rho), "attribute 'rho' must be finite");
-    check(std::isfinite(a.kappa) && a.kappa >= 0.0F, "attribute 'kappa' must be finite and >= 0");
+    switch (index)
+    {
+    case identity::kBudget: return &a.budget;
+    case identity::kAlpha: return &a.alpha;
+    case identity::kBeta: return &a.beta;
+    case identity::kRho: return &a.rho;
+    case identity::kKappa: return &a.kappa;
+    case identity::kKeepRatio: return &a.keepRatio;
+    default: break;
+    }
+    throw std::invalid_argument("unknown attribute index " + std::to_string(index));
+}
+
+double attributeValue(FocusScanRefineAttributes& a, int32_t index)
+{
+    void* field = attributeField(a, index);
+    return identity::kAttributes[index].isInteger ? static_cast<double>(*static_cast<int32_t*>(field))
+                                                  : static_cast<double>(*static_cast<float*>(field));
+}
+
+//! The ranges of the identity file (the same rules as fsr.pruning.fsr_identity.check_attributes).
+void validateAttributes(FocusScanRefineAttributes const& attributes)
+{
+    FocusScanRefineAttributes a = attributes;
+    for (int32_t i = 0; i < identity::kNbAttributes; ++i)
+    {
+        identity::AttributeSpec const& spec = identity::kAttributes[i];
+        double const value = attributeValue(a, i);
+        std::string const name = std::string("attribute '") + spec.name + "'";
+        check(!spec.finite || std::isfinite(value), name + " must be a finite number");
+        bool const below = value < spec.min || (value == spec.min && !spec.minInclusive);
+        bool const above = value > spec.max || (value == spec.max && !spec.maxInclusive);
+        check(!below && !above,
+            name + " = " + std::to_string(value) + " is outside its range " + (spec.minInclusive ? "[" : "(")
+                + std::to_string(spec.min) + ", " + std::to_string(spec.max) + (spec.maxInclusive ? "]" : ")"));
+    }
 }
 
 int32_t toInt32(int64_t value, char const* what)
@@ -272,12 +308,30 @@ int32_t FocusScanRefinePlugin::getOutputShapes(DimsExprs const* inputs, int32_t 
         check(inputs[kSaliency].nbDims == 2, "saliency must be [B, N]");
         check(nbInputs == 3 || inputs[kRelevance].nbDims == 2, "relevance must be [B, N]");
 
-        // K = min(budget, N)
-        nvinfer1::IDimensionExpr const* budget = exprBuilder.constant(static_cast<int64_t>(mAttributes.budget));
-        check(budget != nullptr, "IExprBuilder::constant failed");
-        nvinfer1::IDimensionExpr const* keep
-            = exprBuilder.operation(DimensionOperation::kMIN, *inputs[kTokens].d[1], *budget);
-        check(keep != nullptr, "IExprBuilder::operation failed");
+        // K = min(budget, N), or with keep_ratio > 0 min(N, max(1, floor(keep_ratio * N))) from the exact
+        // integers of keepRatioParts (the ONNX function body computes the same).
+        nvinfer1::IDimensionExpr const* n = inputs[kTokens].d[1];
+        nvinfer1::IDimensionExpr const* keep = nullptr;
+        if (mAttributes.keepRatio > 0.0F)
+        {
+            int64_t hi = 0;
+            int64_t lo = 0;
+            kernels::keepRatioParts(mAttributes.keepRatio, hi, lo);
+            auto const* scale = exprBuilder.constant(16777216);
+            auto const* hiN = exprBuilder.operation(DimensionOperation::kPROD, *exprBuilder.constant(hi), *n);
+            auto const* loN = exprBuilder.operation(DimensionOperation::kPROD, *exprBuilder.constant(lo), *n);
+            auto const* sum = exprBuilder.operation(DimensionOperation::kSUM, *hiN,
+                *exprBuilder.operation(DimensionOperation::kFLOOR_DIV, *loN, *scale));
+            auto const* raw = exprBuilder.operation(DimensionOperation::kFLOOR_DIV, *sum, *scale);
+            keep = exprBuilder.operation(DimensionOperation::kMIN, *n,
+                *exprBuilder.operation(DimensionOperation::kMAX, *raw, *exprBuilder.constant(1)));
+        }
+        else
+        {
+            keep = exprBuilder.operation(
+                DimensionOperation::kMIN, *n, *exprBuilder.constant(static_cast<int64_t>(mAttributes.budget)));
+        }
+        check(keep != nullptr, "IExprBuilder failed");
 
         outputs[0].nbDims = 3; // pruned [B, K, D]
         outputs[0].d[0] = inputs[kTokens].d[0];
@@ -362,7 +416,8 @@ size_t FocusScanRefinePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* in
         int32_t const batch = toInt32(inputs[kTokens].max.d[0], "batch");
         int32_t const numTokens = toInt32(inputs[kTokens].max.d[1], "N");
         int32_t const featureDim = toInt32(inputs[kFeatures].max.d[2], "F");
-        return kernels::focusScanRefineWorkspaceSize(batch, numTokens, featureDim, mAttributes.budget);
+        int32_t const keep = kernels::keptCount(mAttributes.budget, mAttributes.keepRatio, numTokens);
+        return kernels::focusScanRefineWorkspaceSize(batch, numTokens, featureDim, keep);
     }
     catch (...)
     {
@@ -415,10 +470,11 @@ int32_t FocusScanRefinePlugin::enqueue(PluginTensorDesc const* inputDesc, Plugin
         params.beta = mAttributes.beta;
         params.rho = mAttributes.rho;
         params.kappa = mAttributes.kappa;
+        params.keepRatio = mAttributes.keepRatio;
 
         void const* relevance = mNbInputs == 4 ? inputs[kRelevance] : nullptr;
-        size_t const workspaceBytes = kernels::focusScanRefineWorkspaceSize(
-            params.batch, params.numTokens, params.featureDim, params.budget);
+        size_t const workspaceBytes = kernels::focusScanRefineWorkspaceSize(params.batch, params.numTokens,
+            params.featureDim, kernels::keptCount(params.budget, params.keepRatio, params.numTokens));
         auto* keptIndices = static_cast<int64_t*>(outputs[1]);
 
         cudaError_t status = cudaErrorInvalidValue;
@@ -463,11 +519,12 @@ PluginFieldCollection const* FocusScanRefinePlugin::getFieldsToSerialize() noexc
     {
         // Pointers into this object: rebuilt on every call so a clone never points at its source.
         mSerializedFields.clear();
-        mSerializedFields.emplace_back("budget", &mAttributes.budget, PluginFieldType::kINT32, 1);
-        mSerializedFields.emplace_back("alpha", &mAttributes.alpha, PluginFieldType::kFLOAT32, 1);
-        mSerializedFields.emplace_back("beta", &mAttributes.beta, PluginFieldType::kFLOAT32, 1);
-        mSerializedFields.emplace_back("rho", &mAttributes.rho, PluginFieldType::kFLOAT32, 1);
-        mSerializedFields.emplace_back("kappa", &mAttributes.kappa, PluginFieldType::kFLOAT32, 1);
+        for (int32_t i = 0; i < identity::kNbAttributes; ++i)
+        {
+            identity::AttributeSpec const& spec = identity::kAttributes[i];
+            mSerializedFields.emplace_back(spec.name, attributeField(mAttributes, i),
+                spec.isInteger ? PluginFieldType::kINT32 : PluginFieldType::kFLOAT32, 1);
+        }
         if (mNbInputs == 3 || mNbInputs == 4)
         {
             // Not an ONNX attribute: lets a deserialized plugin know whether relevance is wired.
@@ -490,11 +547,11 @@ PluginFieldCollection const* FocusScanRefinePlugin::getFieldsToSerialize() noexc
 
 FocusScanRefinePluginCreator::FocusScanRefinePluginCreator()
 {
-    mFields.emplace_back("budget", nullptr, PluginFieldType::kINT32, 1);
-    mFields.emplace_back("alpha", nullptr, PluginFieldType::kFLOAT32, 1);
-    mFields.emplace_back("beta", nullptr, PluginFieldType::kFLOAT32, 1);
-    mFields.emplace_back("rho", nullptr, PluginFieldType::kFLOAT32, 1);
-    mFields.emplace_back("kappa", nullptr, PluginFieldType::kFLOAT32, 1);
+    for (int32_t i = 0; i < identity::kNbAttributes; ++i)
+    {
+        identity::AttributeSpec const& spec = identity::kAttributes[i];
+        mFields.emplace_back(spec.name, nullptr, spec.isInteger ? PluginFieldType::kINT32 : PluginFieldType::kFLOAT32, 1);
+    }
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
@@ -527,7 +584,7 @@ nvinfer1::IPluginV3* FocusScanRefinePluginCreator::createPlugin(
         check(fc != nullptr, "no attributes given");
         check(fc->nbFields == 0 || fc->fields != nullptr, "null attribute array");
         FocusScanRefineAttributes attributes;
-        bool hasBudget = false;
+        bool given[identity::kNbAttributes] = {};
         int32_t nbInputs = -1;
         for (int32_t i = 0; i < fc->nbFields; ++i)
         {
@@ -537,39 +594,41 @@ nvinfer1::IPluginV3* FocusScanRefinePluginCreator::createPlugin(
                 continue;
             }
             std::string const key(field.name);
-            if (key == "budget")
+            int32_t index = -1;
+            for (int32_t a = 0; a < identity::kNbAttributes; ++a)
             {
-                int64_t const budget = readInt(field);
-                check(budget >= 1 && budget <= std::numeric_limits<int32_t>::max(),
-                    "attribute 'budget' must be >= 1, got " + std::to_string(budget));
-                attributes.budget = static_cast<int32_t>(budget);
-                hasBudget = true;
+                index = key == identity::kAttributes[a].name ? a : index;
             }
-            else if (key == "alpha")
+            if (index >= 0)
             {
-                attributes.alpha = readFloat(field);
-            }
-            else if (key == "beta")
-            {
-                attributes.beta = readFloat(field);
-            }
-            else if (key == "rho")
-            {
-                attributes.rho = readFloat(field);
-            }
-            else if (key == "kappa")
-            {
-                attributes.kappa = readFloat(field);
+                if (identity::kAttributes[index].isInteger)
+                {
+                    int64_t const value = readInt(field);
+                    check(value >= identity::kAttributes[index].min && value <= identity::kAttributes[index].max,
+                        "attribute '" + key + "' must be in [" + std::to_string(identity::kAttributes[index].min)
+                            + ", " + std::to_string(identity::kAttributes[index].max) + "], got "
+                            + std::to_string(value));
+                    *static_cast<int32_t*>(attributeField(attributes, index)) = static_cast<int32_t>(value);
+                }
+                else
+                {
+                    *static_cast<float*>(attributeField(attributes, index)) = readFloat(field);
+                }
+                given[index] = true;
             }
             else if (key == "num_inputs")
             {
                 int64_t const n = readInt(field);
-                check(n == 3 || n == 4, "serialized 'num_inputs' must be 3 or 4");
+                check(n == identity::kMinInputs || n == identity::kMaxInputs, "serialized 'num_inputs' must be 3 or 4");
                 nbInputs = static_cast<int32_t>(n);
             }
             // Anything else (the ONNX parser also passes plugin_namespace / plugin_version) is ignored.
         }
-        check(hasBudget, "attribute 'budget' is required");
+        for (int32_t a = 0; a < identity::kNbAttributes; ++a)
+        {
+            check(given[a] || !identity::kAttributes[a].required,
+                std::string("attribute '") + identity::kAttributes[a].name + "' is required");
+        }
         validateAttributes(attributes);
         return new FocusScanRefinePlugin(attributes, nbInputs);
     }

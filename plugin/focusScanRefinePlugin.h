@@ -1,10 +1,13 @@
 // FocusScanRefine TensorRT plugin: IPluginV3 glue over the CUDA launcher of focusScanRefineKernel.h.
 //
-// Plugin "FocusScanRefine", version "1", namespace "fsr" (docs/fsr-op.md, ONNX domain `fsr`).
+// Plugin "FocusScanRefine", version "1", namespace "fsr" (docs/fsr-op.md, ONNX domain `fsr`): the
+// names, attributes, defaults and ranges come from focusScanRefineIdentity.h, which the build
+// generates from pruning/focus_scan_refine.yaml (plugin/generate_identity_header.py).
 // Written against the TensorRT 10 plugin API (IPluginV3 + IPluginV3OneCore/Build/Runtime,
 // IPluginCreatorV3One). See README.md for inputs, outputs, attributes and limits.
 #pragma once
 
+#include "focusScanRefineIdentity.h"
 #include "focusScanRefineKernel.h"
 
 #include <NvInferRuntime.h>
@@ -18,18 +21,19 @@ namespace fsr
 namespace plugin
 {
 
-constexpr char const* kPluginName = "FocusScanRefine";
-constexpr char const* kPluginVersion = "1";
-constexpr char const* kPluginNamespace = "fsr";
+constexpr char const* kPluginName = identity::kPluginName;
+constexpr char const* kPluginVersion = identity::kPluginVersion;
+constexpr char const* kPluginNamespace = identity::kPluginNamespace;
 
-//! Attributes of one FocusScanRefine node (docs/fsr-op.md defaults).
+//! Attributes of one FocusScanRefine node; defaults from the identity file.
 struct FocusScanRefineAttributes
 {
     int32_t budget{0};
-    float alpha{3.0F};
-    float beta{1.0F};
-    float rho{0.9F};
-    float kappa{1.0F};
+    float alpha{static_cast<float>(identity::kAttributes[identity::kAlpha].defaultValue)};
+    float beta{static_cast<float>(identity::kAttributes[identity::kBeta].defaultValue)};
+    float rho{static_cast<float>(identity::kAttributes[identity::kRho].defaultValue)};
+    float kappa{static_cast<float>(identity::kAttributes[identity::kKappa].defaultValue)};
+    float keepRatio{static_cast<float>(identity::kAttributes[identity::kKeepRatio].defaultValue)};
 };
 
 class FocusScanRefinePlugin : public nvinfer1::IPluginV3,

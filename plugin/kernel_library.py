@@ -84,19 +84,27 @@ class KernelLibrary:
         self.lib.fsr_workspace_size.restype = ctypes.c_uint64
         self.lib.fsr_workspace_size.argtypes = [c_int] * 4
         self.lib.fsr_max_tokens.restype = c_int
+        self.lib.fsr_kept_count.restype = c_int
+        self.lib.fsr_kept_count.argtypes = [c_int, c_float, c_int]
         self.lib.fsr_run_host.restype = c_int
         self.lib.fsr_run_host.argtypes = [c_void, c_int, c_void, c_int, c_void, c_void, c_int, c_void, c_void,
-                                          c_int, c_int, c_int, c_int, c_int, c_float, c_float, c_float, c_float]
+                                          c_int, c_int, c_int, c_int, c_int, c_float, c_float, c_float, c_float,
+                                          c_float]
         self.lib.fsr_bench_host.restype = c_int
         self.lib.fsr_bench_host.argtypes = [c_void, c_int, c_void, c_int, c_void, c_void, c_int,
                                             c_int, c_int, c_int, c_int, c_int, c_float, c_float, c_float, c_float,
-                                            c_int, c_int, c_void]
+                                            c_float, c_int, c_int, c_void]
 
     def device_count(self) -> int:
         return self.lib.fsr_cuda_device_count()
 
-    def workspace_size(self, batch: int, num_tokens: int, feature_dim: int, budget: int) -> int:
-        return self.lib.fsr_workspace_size(batch, num_tokens, feature_dim, budget)
+    def workspace_size(self, batch: int, num_tokens: int, feature_dim: int, keep: int) -> int:
+        """Workspace bytes for N tokens of which ``keep`` (K) are kept (0 when K >= N)."""
+        return self.lib.fsr_workspace_size(batch, num_tokens, feature_dim, keep)
+
+    def kept_count(self, budget: int, keep_ratio: float, num_tokens: int) -> int:
+        """K as the kernels and the plugin compute it (host code: no GPU needed)."""
+        return self.lib.fsr_kept_count(budget, keep_ratio, num_tokens)
 
     def max_tokens(self) -> int:
         return self.lib.fsr_max_tokens()
@@ -121,12 +129,13 @@ class KernelLibrary:
                 raise TypeError(f"{name}: dtype {array.dtype} is not float32/float16")
         return arrays, batched
 
-    def run(self, tokens, features, saliency, relevance=None, *, budget, alpha=3.0, beta=1.0, rho=0.9, kappa=1.0):
+    def run(self, tokens, features, saliency, relevance=None, *, budget, alpha=3.0, beta=1.0, rho=0.9, kappa=1.0,
+            keep_ratio=0.0):
         """Returns (pruned, kept_indices) as NumPy arrays, shaped like the reference's outputs."""
         a, batched = self._inputs(tokens, features, saliency, relevance)
         b, n, d = a["tokens"].shape
         f = a["features"].shape[2]
-        k = min(budget, n)
+        k = self.kept_count(budget, keep_ratio, n) if n > 0 else 0
         pruned = np.empty((b, k, d), dtype=a["tokens"].dtype)
         kept = np.empty((b, k), dtype=np.int64)
         rel = a["relevance"]
@@ -134,13 +143,13 @@ class KernelLibrary:
             a["tokens"].ctypes.data, DTYPE_CODES[a["tokens"].dtype], a["features"].ctypes.data,
             DTYPE_CODES[a["features"].dtype], a["saliency"].ctypes.data, None if rel is None else rel.ctypes.data,
             DTYPE_CODES[a["saliency"].dtype], pruned.ctypes.data, kept.ctypes.data,
-            b, n, d, f, budget, alpha, beta, rho, kappa)
+            b, n, d, f, budget, alpha, beta, rho, kappa, keep_ratio)
         if code != 0:
             raise RuntimeError(f"fsr_run_host failed: {code} ({self.lib.fsr_error_string(code).decode()})")
         return (pruned, kept) if batched else (pruned[0], kept[0])
 
     def bench(self, tokens, features, saliency, relevance=None, *, budget, alpha=3.0, beta=1.0, rho=0.9,
-              kappa=1.0, warmup=10, iterations=50) -> np.ndarray:
+              kappa=1.0, keep_ratio=0.0, warmup=10, iterations=50) -> np.ndarray:
         """Per-launch GPU times in ms (CUDA events), inputs already on the device."""
         a, _ = self._inputs(tokens, features, saliency, relevance)
         b, n, d = a["tokens"].shape
@@ -150,7 +159,7 @@ class KernelLibrary:
             a["tokens"].ctypes.data, DTYPE_CODES[a["tokens"].dtype], a["features"].ctypes.data,
             DTYPE_CODES[a["features"].dtype], a["saliency"].ctypes.data, None if rel is None else rel.ctypes.data,
             DTYPE_CODES[a["saliency"].dtype], b, n, d, a["features"].shape[2], budget, alpha, beta, rho, kappa,
-            warmup, iterations, times.ctypes.data)
+            keep_ratio, warmup, iterations, times.ctypes.data)
         if code != 0:
             raise RuntimeError(f"fsr_bench_host failed: {code} ({self.lib.fsr_error_string(code).decode()})")
         return times

@@ -7,8 +7,11 @@
 - Baselines with FSR's call shape (``baselines.py``): `saliency_topk_reference`,
   `uniform_reference`, `random_reference`, the exportable `SaliencyTopKFixed`, and
   `PRUNING_METHODS` (name -> reference function) / `get_pruning_method`.
-- `build_fsr_function` / `make_fsr_model` / `fsr_node_attributes`: the ONNX local
-  function ``fsr.FocusScanRefine``.
+- The op's identity (``focus_scan_refine.yaml``, read by `fsr_identity`): ``FSR_DOMAIN``,
+  ``FSR_OP``, ``FSR_OP_VERSION``, ``FSR_INPUTS``, ``FSR_OUTPUTS``, ``FSR_ATTRIBUTES``,
+  ``FSR_ATTRIBUTE_DEFAULTS``; `FsrOpError`; `kept_count` (K from N and the attributes).
+- `build_fsr_function` / `make_fsr_model` / `fsr_node_attributes` / `check_fsr_model`: the
+  ONNX local function ``fsr.FocusScanRefine``.
 - `fsr.pruning.testing`: shared random test cases.
 
 Every name loads on first use, so that importing the registry (``fsr.pruning.methods``)
@@ -26,11 +29,12 @@ _NAMES = {
     "uniform_reference": "baselines",
     "FocusScanRefineFixed": "fsr_fixed",
     "FSRDetails": "fsr_reference", "focus_scan_refine_reference": "fsr_reference",
-    "FSR_ATTRIBUTES": "onnx_function", "FSR_DOMAIN": "onnx_function", "FSR_INPUTS": "onnx_function",
-    "FSR_OP": "onnx_function", "FSR_OP_VERSION": "onnx_function", "FSR_OUTPUTS": "onnx_function",
-    "build_fsr_function": "onnx_function", "export_fsr_fixed": "onnx_function",
+    "FSR_ATTRIBUTES": "fsr_identity", "FSR_ATTRIBUTE_DEFAULTS": "fsr_identity", "FSR_DOMAIN": "fsr_identity",
+    "FSR_INPUTS": "fsr_identity", "FSR_OP": "fsr_identity", "FSR_OP_VERSION": "fsr_identity",
+    "FSR_OUTPUTS": "fsr_identity", "FsrOpError": "fsr_identity", "kept_count": "fsr_identity",
+    "build_fsr_function": "onnx_function", "check_fsr_model": "onnx_function", "check_fsr_node": "onnx_function",
     "fsr_function_settings": "onnx_function", "fsr_node_attributes": "onnx_function",
-    "make_fsr_model": "onnx_function",
+    "make_fsr_model": "onnx_function", "restore_function_metadata": "onnx_function",
 }
 
 __all__ = sorted(_NAMES)

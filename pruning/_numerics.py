@@ -11,9 +11,12 @@ Everything here works on whole tensors and uses only ops that export to standard
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 
+import numpy as np
 import torch
+
+from .fsr_identity import FSR_INPUT_RANKS, FSR_OP, FsrOpError
+from .fsr_identity import check_attributes as check_fsr_attributes
 
 #: Largest integer part of an exponent evaluated as a product chain (see `pow_f32`).
 EXACT_POW_MAX = 16
@@ -101,24 +104,20 @@ def fsr_scores(
 def cumsum_f32(x: torch.Tensor) -> torch.Tensor:
     """Prefix sums over the last dim, accumulated sequentially in float32 (ONNX CumSum).
 
-    ``torch.cumsum`` on CPU accumulates float32 in double, which can change a threshold
-    decision; eager code therefore adds column by column. Under export the op is
+    ``torch.cumsum`` accumulates float32 in double on the CPU (and as a parallel scan on
+    CUDA), which can change a threshold decision; eager code therefore uses NumPy's
+    ``add.accumulate``, which adds one element at a time in float32. Under export the op is
     ``torch.cumsum``, which becomes ONNX ``CumSum`` (float32 accumulation in ORT).
     """
     if _is_exporting():
         return torch.cumsum(x, dim=-1)
-    acc = torch.zeros_like(x[..., 0])
-    columns = []
-    for i in range(x.shape[-1]):
-        acc = acc + x[..., i]
-        columns.append(acc)
-    if not columns:
-        return x.clone()
-    return torch.stack(columns, dim=-1)
+    values = x.detach().to("cpu", torch.float32).numpy()
+    prefix = np.add.accumulate(values, axis=-1, dtype=np.float32)
+    return torch.from_numpy(prefix).to(x.device)
 
 
-def focus_count(phi_sorted: torch.Tensor, rho: float, budget: int) -> torch.Tensor:
-    """K_F from phi sorted descending (last dim): ``1 + #{prefix < rho * total}``, clamped to ``[1, budget]``.
+def focus_count(phi_sorted: torch.Tensor, rho: float, budget) -> torch.Tensor:
+    """K_F from phi sorted descending (last dim): ``1 + #{prefix < rho * total}``, clamped to ``[1, budget]`` (K).
 
     ``total`` is the last prefix sum, so sum and prefixes agree bit for bit.
     """
@@ -129,24 +128,17 @@ def focus_count(phi_sorted: torch.Tensor, rho: float, budget: int) -> torch.Tens
 
 
 def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities ``[..., N, N]`` in float32 for ``features [..., N, F]``.
+    """Cosines ``[..., N, N]`` in float32 for ``features [..., N, F]`` (convention 6).
 
-    ``cos[i, j] = G[i, j] / sqrt(G[i, i] * G[j, j])`` with the Gram matrix ``G = f f^T``
-    (one matrix product; the diagonal is read from G itself), and 0 where that
-    denominator is 0 (zero vectors). This is ``f_bar_i . f_bar_j`` with an exact property:
-    identical feature rows give identical G entries, and ``sqrt(fl(g * g)) == g`` in IEEE
-    arithmetic, so duplicates have cosine exactly 1 (distance exactly 0) in every back end.
-    Entry ``[i, j]`` is used with ``i`` the token being scored and ``j`` the set member.
+    The Gram matrix ``G = f f^T`` (one matrix product) gives every column ``j``; see
+    `column_cosines` for the rest (squared norms `self_dots`, duplicates exactly 1, zero
+    vectors 0). Entry ``[i, j]`` is used with ``i`` the token being scored and ``j`` the set
+    member.
     """
     f = features.to(torch.float32)
-    gram = f @ f.transpose(-1, -2)
-    n = gram.shape[-1]
-    index = torch.arange(n, device=gram.device).unsqueeze(-1).expand(*gram.shape[:-1], 1)
-    sq_norm = torch.gather(gram, -1, index)  # [..., N, 1] = G[i, i], exactly
-    denominator = sqrt_f32(sq_norm * sq_norm.transpose(-1, -2))
-    nonzero = denominator > 0
-    cos = gram / torch.where(nonzero, denominator, torch.ones_like(denominator))
-    return torch.where(nonzero, cos, torch.zeros_like(cos))
+    n = f.shape[-2]
+    columns = torch.arange(n, device=f.device).expand(*f.shape[:-2], n)
+    return column_cosines(f @ f.transpose(-1, -2), columns, self_dots(f))
 
 
 def merge_count_limit(kappa: float, num_anchors):
@@ -158,40 +150,75 @@ def merge_count_limit(kappa: float, num_anchors):
     return int(torch.floor(k * torch.tensor(float(num_anchors), dtype=torch.float32)))
 
 
+# --------------------------------------------------------------------------- cosines by columns
+
+
+def self_dots(features: torch.Tensor) -> torch.Tensor:
+    """``n_i = f_i . f_i`` in float32 (``[..., N]``): ``f_ik * f_ik`` rounded, then added one
+    at a time for k = 0, 1, ... (no fused multiply-add), so every back end gets the same bits
+    (ONNX: ``CumSum`` of the squares; CUDA: one loop per token)."""
+    f = features.to(torch.float32)
+    squares = f * f
+    if f.device.type == "cpu" and not _is_exporting():
+        total = np.add.accumulate(squares.detach().numpy(), axis=-1, dtype=np.float32)[..., -1]
+        return torch.from_numpy(np.ascontiguousarray(total))
+    total = torch.zeros_like(squares[..., 0])
+    for k in range(squares.shape[-1]):
+        total = total + squares[..., k]
+    return total
+
+
+def column_cosines(gram: torch.Tensor, columns: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """Cosines ``[B, N, C]`` of every token with the C tokens ``columns [B, C]`` (convention 6).
+
+    ``gram [B, N, C]`` holds the dot products ``f_i . f_c`` of one matrix product (so row
+    ``c`` of it holds ``f_c . f_c`` as that product computes it); ``sq_norm [B, N]`` the
+    squared norms `self_dots`. ``cos = G / sqrt(n_i * n_c)``, 0 where that denominator is 0,
+    and exactly 1 for a duplicate row: ``G[i, c] == G[c, c]`` (the same product, the same
+    data) and ``n_i == n_c``. Works for any leading dims.
+    """
+    own = torch.gather(gram, -2, columns.unsqueeze(-2))  # [B, 1, C]: G[c, c] from the same product
+    n_i = sq_norm.unsqueeze(-1)  # [B, N, 1]
+    n_c = torch.gather(sq_norm, -1, columns).unsqueeze(-2)  # [B, 1, C]
+    denominator = sqrt_f32(n_i * n_c)
+    nonzero = denominator > 0
+    cos = gram / torch.where(nonzero, denominator, torch.ones_like(denominator))
+    duplicate = (gram == own) & (n_i == n_c)
+    cos = torch.where(duplicate, torch.ones_like(cos), cos)
+    return torch.where(nonzero, cos, torch.zeros_like(cos))
+
+
 # --------------------------------------------------------------------------- validation
 
 
-def check_attributes(budget, alpha, beta, rho, kappa) -> None:
-    """Raise ValueError for attributes the operator does not accept."""
-    if isinstance(budget, bool) or not isinstance(budget, Integral):
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
-    for name, value in (("alpha", alpha), ("beta", beta), ("rho", rho), ("kappa", kappa)):
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    for name, value in (("alpha", alpha), ("beta", beta), ("kappa", kappa)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+def check_attributes(budget, alpha=None, beta=None, rho=None, kappa=None, keep_ratio=None) -> dict:
+    """Validate the attributes (``FsrOpError``, a ValueError); return them normalised
+    (see `fsr.pruning.fsr_identity.check_attributes`)."""
+    return check_fsr_attributes(budget=budget, alpha=alpha, beta=beta, rho=rho, kappa=kappa,
+                                keep_ratio=keep_ratio)
 
 
 def check_inputs(tokens, features, saliency, relevance) -> tuple[int, int]:
-    """Raise ValueError unless the inputs have the operator's shapes; return ``(B, N)``."""
-    named = [("tokens", tokens, 3), ("features", features, 3), ("saliency", saliency, 2)]
+    """Raise FsrOpError unless the inputs have the operator's shapes; return ``(B, N)``."""
+    named = [("tokens", tokens), ("features", features), ("saliency", saliency)]
     if relevance is not None:
-        named.append(("relevance", relevance, 2))
-    for name, tensor, rank in named:
+        named.append(("relevance", relevance))
+    for name, tensor in named:
+        rank = FSR_INPUT_RANKS[name]
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            raise FsrOpError(f"{FSR_OP}: input {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() != rank:
-            raise ValueError(f"{name} must have {rank} dims, got shape {tuple(tensor.shape)}")
+            raise FsrOpError(f"{FSR_OP}: input {name} must have {rank} dims, got shape {tuple(tensor.shape)}")
         if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+            raise FsrOpError(f"{FSR_OP}: input {name} must be a floating-point tensor, got {tensor.dtype}")
     batch, num_tokens = tokens.shape[0], tokens.shape[1]
-    for name, tensor, _ in named[1:]:
+    for name, tensor in named[1:]:
         if tensor.shape[0] != batch or tensor.shape[1] != num_tokens:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)}, expected leading dims "
+            raise FsrOpError(
+                f"{FSR_OP}: input {name} has shape {tuple(tensor.shape)}, expected leading dims "
                 f"[B={batch}, N={num_tokens}] to match tokens {tuple(tokens.shape)}"
             )
+    if num_tokens < 1:
+        raise FsrOpError(f"{FSR_OP}: input tokens has N = {num_tokens} tokens (shape {tuple(tokens.shape)}); "
+                         "the op needs N >= 1")
     return batch, num_tokens

@@ -18,6 +18,7 @@ from ._numerics import (
     fsr_scores,
     merge_count_limit,
 )
+from .fsr_identity import kept_count
 
 
 @dataclass
@@ -25,7 +26,7 @@ class FSRDetails:
     """Intermediate results of the reference, one entry per batch row."""
 
     phi: torch.Tensor  #: [B, N] float32 importance scores
-    focus_count: torch.Tensor  #: [B] int64, K_F per row (N when budget >= N)
+    focus_count: torch.Tensor  #: [B] int64, K_F per row (N when K = N)
     focus: list[list[int]] = field(default_factory=list)  #: F, in phi order
     anchors: list[list[int]] = field(default_factory=list)  #: S, in scan order
     merged: list[dict[int, list[int]]] = field(default_factory=list)  #: anchor -> D_top tokens merged into it
@@ -39,26 +40,30 @@ def focus_scan_refine_reference(
     relevance: torch.Tensor | None = None,
     *,
     budget: int,
-    alpha: float = 3.0,
-    beta: float = 1.0,
-    rho: float = 0.9,
-    kappa: float = 1.0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    rho: float | None = None,
+    kappa: float | None = None,
+    keep_ratio: float | None = None,
     details: bool = False,
 ):
-    """Prune ``tokens [B, N, D]`` to ``K = min(budget, N)`` tokens per row.
+    """Prune ``tokens [B, N, D]`` to ``K`` tokens per row: ``K = min(budget, N)``, or with
+    ``keep_ratio > 0`` ``K = min(N, max(1, floor(keep_ratio * N)))`` (budget ignored).
 
+    Float attributes are taken as the float32 values an ONNX node stores.
     Returns ``(pruned [B, K, D] tokens.dtype, kept_indices [B, K] int64)``, indices
     ascending; with ``details=True`` a third value, an `FSRDetails`.
-    Raises ValueError for bad attributes or shapes.
+    Raises `FsrOpError` (a ValueError) for bad attributes or shapes.
     """
-    check_attributes(budget, alpha, beta, rho, kappa)
+    attrs = check_attributes(budget, alpha, beta, rho, kappa, keep_ratio)
     batch, num_tokens = check_inputs(tokens, features, saliency, relevance)
+    k = kept_count(num_tokens, attrs["budget"], attrs["keep_ratio"])  # K
 
     # Step 1. Scores, in float32 whatever the input dtypes.
-    phi = fsr_scores(saliency, relevance, alpha, beta)
+    phi = fsr_scores(saliency, relevance, attrs["alpha"], attrs["beta"])
     info = FSRDetails(phi=phi, focus_count=torch.zeros(batch, dtype=torch.int64))
 
-    if budget >= num_tokens:  # the operator is the identity
+    if k >= num_tokens:  # the operator is the identity
         info.focus_count.fill_(num_tokens)
         kept = torch.arange(num_tokens, dtype=torch.int64).repeat(batch, 1)
         result = (tokens.clone(), kept)
@@ -67,7 +72,7 @@ def focus_scan_refine_reference(
     pruned_rows, kept_rows = [], []
     for b in range(batch):
         row_tokens, kept, focus_count, row_info = _prune_row(
-            tokens[b], features[b], phi[b], budget=budget, rho=rho, kappa=kappa
+            tokens[b], features[b], phi[b], k=k, rho=attrs["rho"], kappa=attrs["kappa"]
         )
         pruned_rows.append(row_tokens)
         kept_rows.append(torch.tensor(kept, dtype=torch.int64))
@@ -77,18 +82,17 @@ def focus_scan_refine_reference(
         info.merged.append(row_info["merged"])
         info.merge_limit.append(row_info["merge_limit"])
 
-    pruned = torch.stack(pruned_rows) if pruned_rows else tokens[:, :budget].clone()
+    pruned = torch.stack(pruned_rows) if pruned_rows else tokens[:, :k].clone()
     kept_indices = (
-        torch.stack(kept_rows) if kept_rows else torch.zeros(0, budget, dtype=torch.int64)
+        torch.stack(kept_rows) if kept_rows else torch.zeros(0, k, dtype=torch.int64)
     )
     result = (pruned.to(tokens.device), kept_indices.to(tokens.device))
     return (*result, info) if details else result
 
 
-def _prune_row(tokens, features, phi, *, budget, rho, kappa):
-    """One batch row: tokens [N, D], features [N, F], phi [N] float32; budget < N."""
+def _prune_row(tokens, features, phi, *, k, rho, kappa):
+    """One batch row: tokens [N, D], features [N, F], phi [N] float32; K < N."""
     num_tokens = phi.shape[0]
-    k = budget
 
     # Step 2. Focus. Stable sort: equal phi keep ascending index order.
     order = torch.sort(phi, descending=True, stable=True).indices.tolist()
@@ -112,12 +116,14 @@ def _prune_row(tokens, features, phi, *, budget, rho, kappa):
     anchors = []
     # min over j in A of (1 - cos(i, j)), kept up to date as A grows (min is exact).
     min_distance = distance[:, torch.tensor(chosen)].amin(dim=1)
+    untaken = torch.ones(num_tokens, dtype=torch.bool)
+    untaken[chosen] = False
     for _ in range(k - focus_count):
-        chosen_set = set(chosen)
-        candidates = torch.tensor([i for i in range(num_tokens) if i not in chosen_set])
+        candidates = untaken.nonzero()[:, 0]  # ascending indices of the tokens not in A
         best = int(candidates[torch.argmax(min_distance[candidates])])  # first max = lowest index
         chosen.append(best)
         anchors.append(best)
+        untaken[best] = False
         min_distance = torch.minimum(min_distance, distance[:, best])
 
     # Step 4. Refine: merge the most similar discarded tokens into their nearest anchor.

@@ -1,8 +1,10 @@
 """Random FocusScanRefine test cases, shared by every implementation's tests.
 
 `random_fsr_cases(n, seed)` yields complete cases (inputs and attributes);
-`make_fsr_inputs(pattern, ...)` makes inputs of a given pattern for fixed sizes, for
-tests whose implementation is built for one shape (ONNX function, TensorRT plugin).
+`make_fsr_inputs(pattern, ...)` makes inputs of a given pattern and sizes;
+`OPERATOR_SETTINGS` and `operator_sweep` drive the sweep of one compiled form of the op
+(ONNX function, plugin) over node attributes and token counts: one setting per node, many
+inputs of every N per setting.
 Everything is deterministic in ``seed`` (case ``i`` depends only on ``seed`` and ``i``).
 """
 
@@ -47,8 +49,12 @@ _CASE_KINDS = (
     "duplicates",
     "shared_tensor",
     "cumsum_rounding",
+    "keep_ratio",
     "large",
 )
+
+#: ``keep_ratio`` values the tests use (0 = unused); 1/3 and 0.1 are not exact binary fractions.
+KEEP_RATIOS = (0.1, 0.25, 1 / 3, 0.5, 0.9, 1.0)
 
 
 def make_fsr_inputs(
@@ -130,8 +136,9 @@ def random_fsr_cases(n: int, seed: int = 0) -> Iterator[dict]:
 
     Kinds cycle in a fixed order (generic, peaky, ties, constant scores, relevance
     omitted, budget >= N, budget 1, fp16, zero features, clusters, features = tokens,
-    prefix-sum rounding, N = 576); batch 1-3, N 5-64 (576 for ``large``), exponents from
-    `EXACT_EXPONENTS`, rho in [0.3, 1], kappa in {0.5, 1, 2}.
+    prefix-sum rounding, keep_ratio, N = 576); batch 1-3, N 5-64 (576 for ``large``),
+    exponents from `EXACT_EXPONENTS`, rho in [0.3, 1], kappa in {0.5, 1, 2}; ``keep_ratio``
+    is 0 (unused) except in the ``keep_ratio`` kind.
     """
     for i in range(n):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -150,6 +157,7 @@ def _make_case(kind: str, i: int, g: torch.Generator) -> dict:
         "beta": pick((1.0, 1.0, 2.0, 0.5, 1.5)),
         "rho": pick((0.9, 0.9, 0.5, 0.75, 0.3, 0.99, 1.0)),
         "kappa": pick((0.5, 1.0, 1.0, 2.0)),
+        "keep_ratio": 0.0,
     }
     pattern, has_relevance = kind, True
     dtype = feature_dtype = score_dtype = torch.float32
@@ -158,7 +166,7 @@ def _make_case(kind: str, i: int, g: torch.Generator) -> dict:
         pattern, has_relevance = "peaky", kind == "peaky"
         attributes["rho"] = pick((0.5, 0.75, 0.9))
         attributes["beta"] = pick((1.0, 0.5))
-    elif kind in ("no_relevance", "budget_ge_n", "budget_one", "shared_tensor", "large"):
+    elif kind in ("no_relevance", "budget_ge_n", "budget_one", "shared_tensor", "large", "keep_ratio"):
         pattern = pick(("generic", "peaky", "ties", "clustered", "duplicates"))
         has_relevance = kind != "no_relevance" and bool(torch.rand((), generator=g) < 0.7)
     elif kind in ("fp16", "fp16_all"):
@@ -176,6 +184,8 @@ def _make_case(kind: str, i: int, g: torch.Generator) -> dict:
     if kind == "shared_tensor":
         feature_dim = token_dim
 
+    if kind == "keep_ratio":
+        attributes["keep_ratio"] = pick(KEEP_RATIOS)
     if kind == "budget_ge_n":
         budget = num_tokens + pick((0, 0, 1, 7))
     elif kind == "budget_one":
@@ -202,6 +212,8 @@ def _make_case(kind: str, i: int, g: torch.Generator) -> dict:
     if kind == "shared_tensor":
         inputs["features"] = inputs["tokens"]
     name = f"{i:03d}-{kind}-b{batch}-n{num_tokens}-k{budget}"
+    if attributes["keep_ratio"]:
+        name += f"-r{attributes['keep_ratio']:.3g}"
     return {"name": name, "kind": kind, **inputs, "budget": budget, **attributes}
 
 
@@ -212,3 +224,80 @@ def _duplicate_rows(x: torch.Tensor, g: torch.Generator) -> None:
     src = torch.randint(0, n, (count,), generator=g)
     dst = torch.randint(0, n, (count,), generator=g)
     x[:, dst] = x[:, src].clone()
+
+
+# --------------------------------------------------------------------------- operator sweep
+
+#: Node settings of the sweep: attributes, whether relevance is wired, token / feature /
+#: score dtypes. Budgets 1, 32, 128, 200 and >= N, keep_ratio values, every exact exponent,
+#: rho from 0.3 to 1, kappa from 0 to 3.
+OPERATOR_SETTINGS = (
+    dict(budget=1),
+    dict(budget=32),
+    dict(budget=128),
+    dict(budget=200),
+    dict(budget=4096),
+    dict(budget=32, alpha=1.0, beta=2.0, rho=0.5, kappa=2.0),
+    dict(budget=128, alpha=0.0, beta=0.5, rho=0.75, kappa=0.5),
+    dict(budget=200, alpha=2.5, beta=1.5, rho=0.99, kappa=3.0),
+    dict(budget=32, alpha=1.5, beta=0.0, rho=0.3, kappa=0.0),
+    dict(budget=64, rho=1.0, kappa=1.0),
+    dict(budget=1000, keep_ratio=0.1),
+    dict(budget=1, keep_ratio=0.25, alpha=2.0),
+    dict(budget=7, keep_ratio=1 / 3, rho=0.5, kappa=2.0),
+    dict(budget=7, keep_ratio=0.5),
+    dict(budget=3, keep_ratio=1.0),
+    dict(budget=32, relevance=False),
+    dict(budget=128, relevance=False, beta=2.0, rho=0.5),
+    dict(budget=1, relevance=False, rho=1.0),
+    dict(budget=7, relevance=False, keep_ratio=0.25, kappa=2.0),
+    dict(budget=32, dtype=torch.float16),
+    dict(budget=128, dtype=torch.float16, feature_dtype=torch.float16, score_dtype=torch.float16, alpha=2.0),
+    dict(budget=200, dtype=torch.float16, relevance=False, keep_ratio=0.5),
+    dict(budget=64, feature_dtype=torch.float16, kappa=2.0, rho=0.75),
+    dict(budget=16, alpha=0.5, beta=2.5, rho=0.9, kappa=1.0),
+)
+
+_SWEEP_PATTERNS = tuple(p for p in INPUT_PATTERNS if p != "cumsum_rounding")
+
+
+def setting_attributes(setting: dict) -> dict:
+    """The node attributes of an `OPERATOR_SETTINGS` entry (defaults filled in by the op)."""
+    return {k: v for k, v in setting.items() if k in ("budget", "alpha", "beta", "rho", "kappa", "keep_ratio")}
+
+
+def setting_dtypes(setting: dict) -> dict:
+    return {"dtype": setting.get("dtype", torch.float32), "feature_dtype": setting.get("feature_dtype", torch.float32),
+            "score_dtype": setting.get("score_dtype", torch.float32)}
+
+
+def operator_sweep(setting: dict, cases: int, seed: int = 0, *, large: tuple[int, ...] = ()) -> Iterator[dict]:
+    """Inputs for one node setting: ``cases`` inputs of every pattern and batch 1-4, N drawn
+    from 1..160 (every other case up to budget + 80 when that is more, at most 400; every 17th
+    case N = 1, 2 or 3), every 10th case from 161..700 (batch 1-2),
+    then one case at each N in ``large`` (batch 1).
+
+    Widths are small (D 1-16, F 1-24) so that the readable reference stays quick.
+    """
+    g = torch.Generator().manual_seed(seed)
+    has_relevance = setting.get("relevance", True)
+    budget = setting["budget"] if not setting.get("keep_ratio") else 0
+    top = max(160, min(budget + 80, 400)) if budget < 1000 else 160  # enough N > K for Scan to run
+    draws = [("small", i) for i in range(cases)] + [("large", n) for n in large]
+    for i, (kind, value) in enumerate(draws):
+        if kind == "large":
+            n, batch = value, 1
+        else:
+            n = int(torch.randint(1, (160 if i % 2 else top) + 1, (), generator=g))
+            n = (1, 2, 3)[i % 3] if i % 17 == 16 else n
+            batch = 1 + i % 4
+            if i % 10 == 9:
+                n, batch = int(torch.randint(161, 701, (), generator=g)), 1 + (i // 10) % 2
+        pattern = _SWEEP_PATTERNS[i % len(_SWEEP_PATTERNS)]
+        if i % 23 == 22 and not has_relevance:
+            pattern = "cumsum_rounding"
+        inputs = make_fsr_inputs(
+            pattern, batch=batch, num_tokens=n, token_dim=int(torch.randint(1, 17, (), generator=g)),
+            feature_dim=int(torch.randint(1, 25, (), generator=g)), generator=g, has_relevance=has_relevance,
+            **setting_dtypes(setting))
+        yield {"name": f"{i:03d}-{pattern}-b{batch}-n{n}", **inputs}

@@ -103,3 +103,29 @@ def test_batch_rows_are_independent():
         row_pruned, row_kept = module(*one)
         assert torch.equal(row_kept[0], kept[row])
         torch.testing.assert_close(row_pruned[0], pruned[row], atol=1e-6, rtol=1e-6)
+
+
+def test_one_module_serves_every_token_count():
+    """No re-export per N: one module instance (budget or keep_ratio), N from 1 to 700."""
+    from fsr.pruning.testing import make_fsr_inputs
+
+    g = torch.Generator().manual_seed(11)
+    modules = [FocusScanRefineFixed(budget=24, rho=0.75, kappa=2.0), FocusScanRefineFixed(budget=1, keep_ratio=0.2)]
+    for n in (1, 2, 5, 24, 25, 97, 300, 700):
+        inputs = make_fsr_inputs("peaky" if n % 2 else "clustered", batch=2, num_tokens=n, token_dim=6,
+                                 feature_dim=9, generator=g)
+        for module in modules:
+            attrs = dict(budget=module.budget, alpha=module.alpha, beta=module.beta, rho=module.rho,
+                         kappa=module.kappa, keep_ratio=module.keep_ratio)
+            want, want_kept = focus_scan_refine_reference(*inputs.values(), **attrs)
+            pruned, kept = module(*inputs.values())
+            assert torch.equal(kept, want_kept), (n, attrs)
+            torch.testing.assert_close(pruned, want, atol=1e-5, rtol=1e-5)
+
+
+def test_call_time_errors_name_the_op_and_the_input():
+    module = FocusScanRefineFixed(budget=4)
+    with pytest.raises(ValueError, match=r"FocusScanRefine: input tokens has N = 0 tokens .*the op needs N >= 1"):
+        module(torch.zeros(1, 0, 3), torch.zeros(1, 0, 2), torch.zeros(1, 0), None)
+    with pytest.raises(ValueError, match=r"FocusScanRefine: attribute keep_ratio must be in \[0, 1\]"):
+        FocusScanRefineFixed(budget=4, keep_ratio=1.5)

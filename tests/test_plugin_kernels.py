@@ -44,13 +44,16 @@ as_numpy = kl.as_numpy
 
 # --- comparison --------------------------------------------------------------------------------
 
-ATTRIBUTE_DEFAULTS = {"alpha": 3.0, "beta": 1.0, "rho": 0.9, "kappa": 1.0}  # docs/fsr-op.md
+def _attribute_defaults():
+    from fsr.pruning.fsr_identity import FSR_ATTRIBUTE_DEFAULTS  # the op's identity file
+
+    return FSR_ATTRIBUTE_DEFAULTS
 
 
 def compare_with_reference(library: KernelLibrary, case: dict, reference) -> None:
     """Run one case through the kernels and `reference`; assert identical indices, close values."""
     attrs = {"budget": int(case["budget"])}
-    attrs.update({name: float(case.get(name, default)) for name, default in ATTRIBUTE_DEFAULTS.items()})
+    attrs.update({name: float(case.get(name, default)) for name, default in _attribute_defaults().items()})
     want_pruned, want_kept = reference(case["tokens"], case["features"], case["saliency"], case.get("relevance"),
                                        **attrs)
     got_pruned, got_kept = library.run(case["tokens"], case["features"], case["saliency"], case.get("relevance"),
@@ -79,11 +82,28 @@ def test_kernels_compile(kernel_library: KernelLibrary):
     """The kernels and their C ABI build with nvcc and load; host-side helpers answer."""
     assert kernel_library.path.exists()
     assert kernel_library.max_tokens() >= 4096
-    assert kernel_library.workspace_size(2, 576, 1024, 576) == 0  # budget >= N: identity, no workspace
+    assert kernel_library.workspace_size(2, 576, 1024, 576) == 0  # K = N: identity, no workspace
     small = kernel_library.workspace_size(1, 576, 1024, 64)
     assert small >= 4 * 576 * 576  # the fp32 Gram matrix
     assert kernel_library.workspace_size(2, 576, 1024, 64) >= 2 * small - 4096
     assert kernel_library.workspace_size(1, 1024, 1024, 64) > small
+
+
+def test_kept_count_matches_the_op(kernel_library: KernelLibrary):
+    """K from budget / keep_ratio as the kernels and the plugin compute it (host code, runs
+    without a GPU) equals fsr.pruning.kept_count, for float32 ratios that are not exact
+    binary fractions too."""
+    import random
+
+    from fsr.pruning.fsr_identity import float32, kept_count
+
+    rng = random.Random(1)
+    ratios = [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.7, 0.9, 1.0, 2.0**-20, 2.0**-30] + [rng.random() for _ in range(300)]
+    for ratio in ratios:
+        for n in (1, 2, 3, 7, 100, 576, 1000, 2880, 8192, rng.randrange(1, 2**20)):
+            for budget in (1, 64, 3840):
+                assert kernel_library.kept_count(budget, float32(ratio), n) == kept_count(n, budget, ratio), \
+                    (budget, ratio, n)
 
 
 def _require_gpu(library: KernelLibrary) -> None:
@@ -128,6 +148,8 @@ def test_kernel_tie_breaks_and_identity(kernel_library: KernelLibrary):
 
     cases = [
         dict(saliency=saliency, relevance=relevance, budget=12),
+        dict(saliency=saliency, relevance=relevance, budget=1, keep_ratio=0.3),
+        dict(saliency=flat, relevance=None, budget=1, keep_ratio=1.0),  # identity
         dict(saliency=flat, relevance=None, budget=12),
         dict(saliency=saliency, relevance=flat, budget=30, kappa=0.5),
         dict(saliency=saliency, relevance=None, budget=n),  # identity
@@ -146,3 +168,21 @@ def test_kernel_tie_breaks_and_identity(kernel_library: KernelLibrary):
             case["saliency"] = torch.from_numpy(case["saliency"])
             case["relevance"] = None if case["relevance"] is None else torch.from_numpy(case["relevance"])
             compare_with_reference(kernel_library, case, focus_scan_refine_reference)
+
+
+@pytest.mark.parametrize("n, budget, keep_ratio", [(576, 64, 0.0), (2880, 320, 0.0), (2880, 1, 0.25),
+                                                   (4200, 3840, 0.0), (8192, 640, 0.0), (8192, 1, 0.47)])
+def test_kernel_large_n_and_budget(kernel_library: KernelLibrary, n, budget, keep_ratio):
+    """N up to 8,192 (2, 4 and 8 tokens per thread), budgets up to 3,840, keep_ratio: against the reference."""
+    _require_gpu(kernel_library)
+    import torch
+
+    from fsr.pruning.testing import make_fsr_inputs
+
+    g = torch.Generator().manual_seed(n + budget)
+    for pattern in ("peaky", "clustered"):
+        case = make_fsr_inputs(pattern, batch=1, num_tokens=n, token_dim=16, feature_dim=24, generator=g)
+        case.update(budget=budget, keep_ratio=keep_ratio)
+        from fsr.pruning import focus_scan_refine_reference
+
+        compare_with_reference(kernel_library, case, focus_scan_refine_reference)

@@ -83,6 +83,33 @@ def test_omitted_relevance_is_dropped_from_the_plugin_inputs():
     check_plugin_model(gs.export_onnx(graph))
 
 
+def test_constant_relevance_row_is_dropped_with_its_producers():
+    """The splice pass wires a constant row for an omitted relevance (TensorRT's parser takes
+    no empty input on a function call); the plugin pass gives the plugin 3 inputs again."""
+    import numpy as np
+
+    from fsr.graph_passes import splice_focus_scan_refine
+
+    x = gs.Variable("x", np.float32, ["batch", 12, 5])
+    features, tokens = gs.Variable("features", np.float32, ["batch", 12, 5]), gs.Variable("tokens", np.float32)
+    saliency = gs.Variable("saliency", np.float32, ["batch", 12])
+    axes = gs.Constant("axes", np.array([-1], np.int64))
+    w = gs.Constant("w", np.ones((5, 3), np.float32))
+    graph = gs.Graph(nodes=[gs.Node("Relu", inputs=[x], outputs=[features]),
+                            gs.Node("MatMul", inputs=[features, w], outputs=[tokens]),
+                            gs.Node("ReduceMean", inputs=[x, axes], outputs=[saliency], attrs={"keepdims": 0})],
+                     inputs=[x], outputs=[tokens, features, saliency], opset=18, name="toy")
+    tokens.shape = ["batch", 12, 3]
+    graph = splice_focus_scan_refine(graph, budget=4, use_relevance=False)
+    node = next(n for n in graph.nodes if n.op == "FocusScanRefine")
+    assert node.inputs[3].name == "relevance_neutral"
+    fsr_function_to_plugin(graph)
+    assert [t.name for t in node.inputs] == ["tokens", "features", "saliency"]
+    assert not {"Shape", "ConstantOfShape"} & {n.op for n in graph.nodes}
+    assert {"Relu", "MatMul", "ReduceMean"} <= {n.op for n in graph.nodes}
+    check_plugin_model(gs.export_onnx(graph))
+
+
 def test_tensorrt_parser_looks_the_node_up_as_a_plugin(export_fsr64, tmp_path, caplog):
     """Without the plugin library loaded, TensorRT's parser fails exactly at the plugin lookup
     (name, version, namespace), which shows the node is routed to the plugin registry."""
