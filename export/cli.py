@@ -142,7 +142,11 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
     start = time.perf_counter()
     try:
         with err.status("loading the model") as status:
-            loaded = load_model(model, family=entry.name, clip=values["clip"], seed=values["seed"])
+            from fsr.models.spec import TORCH_DTYPES  # noqa: PLC0415 (torch: after the arguments are checked)
+
+            # loaded (or built) in the export dtype: the exporter then copies nothing
+            loaded = load_model(model, family=entry.name, clip=values["clip"], seed=values["seed"],
+                                dtype=TORCH_DTYPES[dtype])
             n_image = get_spec(entry.name).num_image_tokens(loaded.config)
             identity = method.identity_note(settings, n_image)
             if identity:

@@ -36,12 +36,12 @@ import onnx_graphsurgeon as gs
 import torch
 
 from fsr.errors import FsrError
-from fsr.export.trace import trace_to_onnx
+from fsr.export.trace import save_forms, trace, trace_to_onnx
 from fsr.files import OutputFolder
 from fsr.graph_passes import finalize
 from fsr.manifest import (
-    SOURCE_DIR, DecoderSegment, FileRecord, GraphEntry, ImageInfo, Manifest, MethodInfo, ModelInfo, SourceInfo,
-    TensorInfo, file_record, hash_folder, package_versions, write_manifest,
+    SOURCE_DIR, DecoderSegment, FileRecord, GraphEntry, GraphForm, ImageInfo, Manifest, MethodInfo, ModelInfo,
+    SourceInfo, TensorInfo, file_record, hash_folder, package_versions, write_manifest,
 )
 from fsr.models import get_spec
 from fsr.models.spec import CLIP_RELEVANCE, TORCH_DTYPES, GraphSpec, LoadedModel
@@ -164,11 +164,31 @@ def export_model(loaded: LoadedModel, output: Path, settings: ExportSettings, *,
 
 
 def _in_dtype(loaded: LoadedModel, dtype) -> LoadedModel:
-    """``loaded`` in ``dtype``, leaving the caller's model as it was."""
+    """``loaded`` in ``dtype``, leaving the caller's model as it was.
+
+    A model already in ``dtype`` (``fsr-export`` loads checkpoints and builds presets in the
+    export dtype) is used as it is: no copy. Otherwise each floating-point parameter and buffer
+    is converted straight into a new tensor of ``dtype`` (the module structure is copied around
+    them), so the only extra memory is the converted weights, never a second full-precision copy.
+    """
     if next(loaded.model.parameters()).dtype == dtype:
         return loaded
-    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(dtype),
-                               clip=copy.deepcopy(loaded.clip).to(dtype) if loaded.clip is not None else None)
+    return dataclasses.replace(loaded, model=converted_copy(loaded.model, dtype),
+                               clip=converted_copy(loaded.clip, dtype) if loaded.clip is not None else None)
+
+
+def converted_copy(module: torch.nn.Module, dtype) -> torch.nn.Module:
+    """A copy of ``module`` whose floating-point tensors are ``dtype``, made without copying them in their
+    own dtype first (``copy.deepcopy`` with the converted tensors in its memo)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        if id(p) not in memo:
+            data = p.detach().to(dtype) if p.is_floating_point() else p.detach().clone()
+            memo[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = b.to(dtype) if b.is_floating_point() else b.clone()
+    return copy.deepcopy(module, memo)
 
 
 def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, progress) -> None:
@@ -180,16 +200,18 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
     spec.save_source(loaded, root / SOURCE_DIR, spec.clip_subfolder)
 
     paths: dict[str, Path] = {}
+    forms: dict[str, dict[str, Path]] = {}
     for graph in spec.graphs(loaded, manifest):
         progress(_step(graph))
-        paths[graph.name] = trace_graph(graph, root)
+        paths[graph.name], forms[graph.name] = trace_graph(graph, root)
 
     progress("checking every graph (onnx.checker, full)")
-    for path in paths.values():
-        onnx.checker.check_model(str(path), full_check=True)
+    for name, path in paths.items():
+        for p in [path, *forms[name].values()]:
+            onnx.checker.check_model(str(p), full_check=True)
 
     progress("writing manifest.json")
-    manifest.graphs = {name: graph_entry(path, root) for name, path in paths.items()}
+    manifest.graphs = {name: graph_entry(path, root, forms[name]) for name, path in paths.items()}
     manifest.source = SourceInfo(SOURCE_DIR, hash_folder(root, SOURCE_DIR))
     write_manifest(root, manifest)
 
@@ -204,18 +226,35 @@ def _step(graph: GraphSpec) -> str:
     return f"tracing the {what} graph"
 
 
-def trace_graph(graph: GraphSpec, root: Path) -> Path:
-    """Trace one graph into ``root/<name>.onnx``; the vision graph then gets the method's op (and, for a
-    method that runs before the projector, the projector after it)."""
+def trace_graph(graph: GraphSpec, root: Path) -> tuple[Path, dict[str, Path]]:
+    """Trace one graph into ``root/<name>.onnx`` (its forms into ``root/<name>.<form>.onnx``, sharing
+    its weight file); the vision graph then gets the method's op (and, for a method that runs before
+    the projector, the projector after it). Returns the graph's path and its forms' paths."""
     path = root / f"{graph.name}.onnx"
-    trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
-                  output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes)
+    kwargs = graph.example_kwargs() if graph.example_kwargs else None
+    if not graph.forms:
+        trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
+                      output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes, kwargs=kwargs,
+                      optional=graph.optional_inputs, translations=graph.translations() if graph.translations else None)
+    else:
+        model = _trace(graph, kwargs)
+        traced = {}
+        for key, form in graph.forms.items():
+            traced[key] = (root / f"{graph.name}.{key}.onnx", _trace(form, kwargs))
+        save_forms(path, model, traced, external=True)
+        del model, traced
     if graph.attach is not None:
         model = finalize(graph.attach(gs.import_onnx(onnx.load(path))))
         if graph.projector is not None:
             model = append_projector(model, graph.projector, root)
         save_onnx(model, path)
-    return path
+    return path, {key: root / f"{graph.name}.{key}.onnx" for key in graph.forms}
+
+
+def _trace(graph: GraphSpec, kwargs: dict | None):
+    return trace(graph.module, graph.example_inputs(), name=graph.name, input_names=graph.input_names,
+                 output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes, kwargs=kwargs,
+                 optional=graph.optional_inputs, translations=graph.translations() if graph.translations else None)
 
 
 def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.ModelProto:
@@ -251,12 +290,24 @@ def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.Mode
     return finalize(merged_graph)
 
 
-def graph_entry(path: Path, root: Path) -> GraphEntry:
-    """Inputs, outputs, files and hashes of one written graph (its external data after it)."""
+#: what can run each graph form (``GraphForm.runtime``)
+FORM_RUNTIMES = {"ort": "onnxruntime"}
+
+
+def graph_entry(path: Path, root: Path, forms: dict[str, Path] | None = None) -> GraphEntry:
+    """Inputs, outputs, files and hashes of one written graph (its external data after it) and of its
+    forms. Inputs with an initializer (a default value) are listed as ``optional_inputs``."""
     model = onnx.load(path, load_external_data=False)
     data = path.with_name(path.name + ".data")
     files: list[FileRecord] = [file_record(root, p) for p in [path, data] if p.is_file()]
-    return GraphEntry(files, [_tensor(v) for v in model.graph.input], [_tensor(v) for v in model.graph.output])
+    defaults = {t.name for t in model.graph.initializer}
+    inputs = [_tensor(v) for v in model.graph.input if v.name not in defaults]
+    optional = [_tensor(v) for v in model.graph.input if v.name in defaults]
+    entry_forms = {}
+    for key, form_path in (forms or {}).items():
+        shared = [f for f in files[1:]]
+        entry_forms[key] = GraphForm([file_record(root, form_path), *shared], FORM_RUNTIMES.get(key, ""))
+    return GraphEntry(files, inputs, [_tensor(v) for v in model.graph.output], optional, entry_forms)
 
 
 def _tensor(v: onnx.ValueInfoProto) -> TensorInfo:

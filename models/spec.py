@@ -42,7 +42,8 @@ from transformers.utils import logging as hf_logging
 from fsr.errors import InputError
 from fsr.manifest import SOURCE_DIR, LLMDims, Manifest, RelevanceInfo, VisionDims
 from fsr.models.parts import (
-    ClipTextEncoder, DecoderStep, OpInputs, TokenEmbedding, VisionTower, VisionWithMethod,
+    FUSED, LOGITS_INDEX, PORTABLE, ClipTextEncoder, DecoderStep, OpInputs, TokenEmbedding, VisionTower,
+    VisionWithMethod,
 )
 from fsr.models.registry import ModelError, check_checkpoint, read_config, resolve_model_path
 from fsr.pruning.methods import BEFORE_PROJECTOR, get_method
@@ -51,6 +52,8 @@ from fsr.pruning.modules import ReferenceModule
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 EXPORT, TORCH, REFERENCE = "export", "torch", "reference"
+#: the decoder's other exported form: fused attention for ONNX Runtime (`fsr.models.attention`)
+ORT_FORM = "ort"
 CLIP_RELEVANCE, LLM_RELEVANCE = "clip", "llm-embedding-mean"
 
 
@@ -92,6 +95,15 @@ class GraphSpec:
     #: method runs before the projector
     attach: Callable[[Any], Any] | None = None
     projector: nn.Module | None = None
+    #: inputs with a default value, traced as keyword arguments (``example_kwargs``) and written
+    #: as graph inputs that have an initializer (ONNX Runtime: overridable; TensorRT: a constant)
+    optional_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    example_kwargs: Callable[[], dict] | None = None
+    #: ``torch.onnx.export`` custom translations the module's custom ops need
+    translations: Callable[[], dict] | None = None
+    #: other forms of this graph (same inputs, outputs and weights), written beside it and sharing
+    #: its weight file: ``{"ort": <fused attention for ONNX Runtime>}`` for the decoder
+    forms: dict[str, "GraphSpec"] = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- host-side records
@@ -274,10 +286,10 @@ class ModelSpec:
     def embedding(self, loaded: LoadedModel) -> nn.Module:
         return TokenEmbedding(loaded.model.get_input_embeddings())
 
-    def decoder_step(self, loaded: LoadedModel, start: int, stop: int) -> DecoderStep:
+    def decoder_step(self, loaded: LoadedModel, start: int, stop: int, attention: str = PORTABLE) -> DecoderStep:
         lm, head = self.language_model(loaded)
         try:
-            return DecoderStep(lm, head, start, stop)
+            return DecoderStep(lm, head, start, stop, attention=attention)
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
 
@@ -407,8 +419,10 @@ class ModelSpec:
                          ["input_ids", "attention_mask"], ["text_embeds"], example_inputs=example,
                          dynamic_shapes=(batch, batch))
 
-    def decoder_graph(self, loaded: LoadedModel, name: str, start: int, stop: int, dtype: torch.dtype) -> GraphSpec:
-        step = self.decoder_step(loaded, start, stop)
+    def decoder_graph(self, loaded: LoadedModel, name: str, start: int, stop: int, dtype: torch.dtype,
+                      attention: str = PORTABLE) -> GraphSpec:
+        """A decoder segment: the portable form (its ``forms`` hold the fused ONNX Runtime one)."""
+        step = self.decoder_step(loaded, start, stop, attention)
         llm = self.llm_dims(loaded.config)
         n_past = 2 * (stop - start)
 
@@ -420,10 +434,26 @@ class ModelSpec:
 
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
         past_len, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
-        dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-                   tuple({0: batch, 2: past_len} for _ in range(n_past)))
-        return GraphSpec(name, "decoder", step, step.input_names, step.output_names, example_inputs=example,
-                         dynamic_shapes=dynamic)
+        # keyed by the forward's parameter names (``inputs_embeds`` is the hidden states of a later segment)
+        dynamic = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+                   "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in range(n_past))}
+        optional, example_kwargs = {}, None
+        if step.is_last:
+            optional = {LOGITS_INDEX: np.array([-1], dtype=np.int64)}
+            dynamic[LOGITS_INDEX] = {0: torch.export.Dim("logits")}
+
+            def example_kwargs():
+                return {LOGITS_INDEX: torch.tensor([0, 2])}
+
+        spec = GraphSpec(name, "decoder", step, step.input_names, step.output_names, example_inputs=example,
+                         dynamic_shapes=dynamic, optional_inputs=optional, example_kwargs=example_kwargs)
+        if attention == FUSED:
+            from fsr.models.attention import gqa_translation_table
+
+            spec.translations = gqa_translation_table
+        else:
+            spec.forms = {ORT_FORM: self.decoder_graph(loaded, name, start, stop, dtype, FUSED)}
+        return spec
 
     # -- host side --------------------------------------------------------------------------
 

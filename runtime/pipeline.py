@@ -26,6 +26,13 @@ anything runs: a prompt whose tokens (the image counted as the tokens the LLM se
 fit is refused (`InputError`); a ``max_new_tokens`` beyond what is left is shortened to fit,
 with a `fsr.errors.Note` saying so. ``generate(on_tokens=...)`` hands each step's new
 tokens to the caller as they come (``fsr-run`` prints them: an interrupt loses nothing).
+
+What the backend may do for speed, behind these steps (the KV cache stays opaque here):
+keep the cache in preallocated buffers that the decoder updates in place
+(`Backend.empty_cache` gets the generation's capacity; ONNX Runtime's fused decoder form),
+and hand out the token-embedding table so that ids are looked up on the host instead of
+running the embed graph per decode step (`Backend.embedding_table`). The prefill returns
+the last position's logits only unless ``all_logits`` is asked for.
 """
 
 from __future__ import annotations
@@ -42,11 +49,12 @@ from transformers import AutoProcessor, AutoTokenizer
 from fsr.errors import InputError, Note
 from fsr.manifest import Manifest, read_manifest
 from fsr.models import get_spec
+from fsr.models.parts import LOGITS_INDEX
 from fsr.models.spec import (
     CLIP_RELEVANCE, NP_DTYPES, HostPruning, ImageFeatures, PrefillInputs, Request, prune_graph_name,
 )
 from fsr.pruning.methods import get_method
-from fsr.runtime.backend import Backend, get_backend
+from fsr.runtime.backend import Backend, BackendError, get_backend
 from fsr.runtime.inputs import clip_chunks, eos_token_ids, load_image
 
 
@@ -240,8 +248,12 @@ class Pipeline(HostSteps):
         self._init_host(backend.manifest, processor, clip_tokenizer, eos)
         self.segments = self.manifest.segment_graphs
         self.runners = {}
+        #: the token-embedding table when the backend hands it out: ids are looked up, the graph never runs
+        self.embedding_table = backend.embedding_table("embed")
         try:
             for name in pipeline_graphs(self.manifest):
+                if name == "embed" and self.embedding_table is not None:
+                    continue
                 self.runners[name] = backend.runner(name).activate()
         except BaseException:
             self.close()
@@ -264,7 +276,13 @@ class Pipeline(HostSteps):
     # -- 1./2. preprocessing and the instruction embedding: HostSteps --------------------------
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.backend.to_host(self._run("embed", {"input_ids": ids.astype(np.int64)})["inputs_embeds"])
+        ids = np.asarray(ids, dtype=np.int64)
+        table = self.embedding_table
+        if table is None:
+            return self.backend.to_host(self._run("embed", {"input_ids": ids})["inputs_embeds"])
+        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+            raise InputError(f"token ids must lie in [0, {table.shape[0]}) (got {ids.min()}..{ids.max()})")
+        return table[ids]
 
     def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.backend.to_host(self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})["text_embeds"])
@@ -294,14 +312,15 @@ class Pipeline(HostSteps):
 
     # -- 5./6. prefill and decode ------------------------------------------------------------
 
-    def empty_cache(self, segment: str, batch: int) -> list:
+    def empty_cache(self, segment: str, batch: int, capacity: int | None = None) -> list:
+        """A segment's empty KV cache (``capacity``: positions the generation will reach, a hint)."""
         llm = self.manifest.llm
-        shape = (batch, llm.num_kv_heads, 0, llm.head_dim)
         n = len(self.runners[segment].input_names) - 3
-        return [self.backend.from_host(np.zeros(shape, self.dtype)) for _ in range(n)]
+        return self.backend.empty_cache(segment, (batch, llm.num_kv_heads, llm.head_dim), self.dtype, n, capacity)
 
-    def _forward(self, embeds, positions: np.ndarray, state: DecodeState, prefill: bool):
+    def _forward(self, embeds, positions: np.ndarray, state: DecodeState, prefill: bool, all_logits: bool = False):
         hidden = embeds
+        last = self.manifest.decoder_segments[-1]
         for segment, seg_state in zip(self.manifest.decoder_segments, state.segments):
             if prefill and segment.prune_before:
                 hidden = self.method.between_segments(self, segment, hidden, seg_state, state)
@@ -309,18 +328,28 @@ class Pipeline(HostSteps):
             feeds = {runner.input_names[0]: hidden, "attention_mask": seg_state.attention_mask,
                      "position_ids": positions - seg_state.position_offset[:, None]}
             feeds.update(zip(runner.input_names[3:], seg_state.cache))
+            if all_logits and segment is last:
+                if LOGITS_INDEX not in runner.optional_input_names:
+                    raise BackendError(f"the {self.backend.name} backend's {segment.graph!r} returns the last "
+                                       "position's logits only; use the ort or torch backend for every position's")
+                feeds[LOGITS_INDEX] = np.arange(positions.shape[-1], dtype=np.int64)
             out = self._run(segment.graph, feeds)
             hidden = out[runner.output_names[0]]
             seg_state.cache = [out[n] for n in runner.output_names[1:]]
         state.logits = hidden
         return state
 
-    def prefill(self, inputs: PrefillInputs) -> DecodeState:
-        batch = inputs.attention_mask.shape[0]
-        segments = [SegmentState(self.empty_cache(s, batch), inputs.attention_mask, np.zeros(batch, np.int64))
-                    for s in self.segments]
+    def prefill(self, inputs: PrefillInputs, *, max_new_tokens: int | None = None,
+                all_logits: bool = False) -> DecodeState:
+        """The decoder segments over the whole prompt. ``state.logits`` holds the last position's logits
+        ([B, 1, V]), or every position's with ``all_logits``; ``max_new_tokens`` sizes the KV buffers of a
+        backend that preallocates them (more steps still work: the buffers grow)."""
+        batch, width = inputs.attention_mask.shape
+        capacity = width + max_new_tokens if max_new_tokens is not None else None
+        segments = [SegmentState(self.empty_cache(s, batch, capacity), inputs.attention_mask,
+                                 np.zeros(batch, np.int64)) for s in self.segments]
         state = DecodeState(None, inputs.position_ids[..., -1], segments, inputs.image_spans)
-        return self._forward(inputs.inputs_embeds, inputs.position_ids, state, prefill=True)
+        return self._forward(inputs.inputs_embeds, inputs.position_ids, state, prefill=True, all_logits=all_logits)
 
     def decode(self, state: DecodeState, next_ids: np.ndarray) -> DecodeState:
         """One step: ``next_ids`` [B] -> the state after them (logits of the next token)."""
@@ -359,7 +388,7 @@ class Pipeline(HostSteps):
         inputs = self.assemble(request.rows, features)
         batch = len(request.rows)
         t = time.perf_counter()
-        state = self.prefill(inputs)
+        state = self.prefill(inputs, max_new_tokens=max_new_tokens)
         timings["prefill_s"] = time.perf_counter() - t
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
