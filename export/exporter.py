@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from fsr.errors import FsrError
+from fsr.export import transformers_js
 from fsr.export.trace import trace_to_onnx
 from fsr.files import OutputFolder
 from fsr.graph_passes import finalize
@@ -45,7 +46,7 @@ from fsr.models import get_spec
 from fsr.models.spec import CLIP_RELEVANCE, TORCH_DTYPES, GraphSpec, LoadedModel
 from fsr.onnx_io import save_onnx
 from fsr.pruning.methods import get_method, method_names
-from fsr.settings import DTYPES, Settings
+from fsr.settings import DTYPES, FORMATS, Settings
 
 #: the vision graph's tensor between a method placed before the projector and the projector
 PRUNED_FEATURES = "pruned_features"
@@ -64,9 +65,10 @@ class ExportSettings:
     """
 
     def __init__(self, method: str = "fsr", *, dtype: str = "fp32", decoder_splits: tuple[int, ...] = (),
-                 settings: Settings | None = None, **options: Any):
+                 settings: Settings | None = None, format: str = "native", **options: Any):
         self.method = method
         self.dtype = dtype
+        self.format = format
         self.decoder_splits = tuple(decoder_splits)
         pruning = get_method(method)
         self.method_settings = settings if settings is not None else pruning.settings(**options)
@@ -87,13 +89,15 @@ class ExportSettings:
         self.method_settings.validate()
         if self.dtype not in DTYPES:
             raise ExportConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.format not in FORMATS:
+            raise ExportConfigError(f"unknown export format {self.format!r}; choose one of {', '.join(FORMATS)}")
         splits = list(self.decoder_splits)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in splits) or splits != sorted(set(splits)):
             raise ExportConfigError(f"decoder_splits must be increasing layer indices >= 1 (got {splits})")
 
     def __repr__(self) -> str:
         return (f"ExportSettings(method={self.method!r}, settings={self.method_settings!r}, dtype={self.dtype!r}, "
-                f"decoder_splits={self.decoder_splits!r})")
+                f"decoder_splits={self.decoder_splits!r}, format={self.format!r})")
 
 
 def _noop(step: str) -> None:
@@ -134,6 +138,7 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
         graphs={name: GraphEntry([], [], []) for name in names},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         packages=package_versions(),
+        layout=transformers_js.LAYOUTS[settings.format],
     )
 
 
@@ -169,6 +174,9 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
     spec = get_spec(loaded.family)
     loaded = _in_dtype(loaded, TORCH_DTYPES[settings.dtype])
     manifest = describe(loaded, settings)
+    tjs = settings.format == transformers_js.TRANSFORMERS_JS
+    if tjs:  # refused before anything is traced
+        transformers_js.check_exportable(manifest, f"method {settings.method!r}", spec.supports_transformers_js)
 
     progress("saving the source model (HF checkpoint + processor)")
     spec.save_source(loaded, root / SOURCE_DIR, spec.clip_subfolder)
@@ -178,12 +186,20 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
         progress(_step(graph))
         paths[graph.name] = trace_graph(graph, root)
 
+    if tjs:
+        progress("writing the Transformers.js layout (onnx/, config.json, processor and tokenizer files)")
+        processor = spec.transformers_js_processor(loaded, manifest.image.kept_image_tokens)
+        paths = transformers_js.write_layout(root, manifest, paths, processor)
+
     progress("checking every graph (onnx.checker, full)")
     for path in paths.values():
         onnx.checker.check_model(str(path), full_check=True)
 
     progress("writing manifest.json")
     manifest.graphs = {name: graph_entry(path, root) for name, path in paths.items()}
+    if tjs:
+        for name, entry in manifest.graphs.items():
+            entry.aliases = transformers_js.aliases(name)
     manifest.source = SourceInfo(SOURCE_DIR, hash_folder(root, SOURCE_DIR))
     write_manifest(root, manifest)
 
@@ -246,8 +262,8 @@ def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.Mode
 def graph_entry(path: Path, root: Path) -> GraphEntry:
     """Inputs, outputs, files and hashes of one written graph (its external data after it)."""
     model = onnx.load(path, load_external_data=False)
-    data = path.with_name(path.name + ".data")
-    files: list[FileRecord] = [file_record(root, p) for p in [path, data] if p.is_file()]
+    data = [path.with_name(path.name + suffix) for suffix in (".data", "_data")]  # native, Transformers.js
+    files: list[FileRecord] = [file_record(root, p) for p in [path, *data] if p.is_file()]
     return GraphEntry(files, [_tensor(v) for v in model.graph.input], [_tensor(v) for v in model.graph.output])
 
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 from fsr.pruning.methods import PruningMethod, register_method
 from fsr.settings import Settings, setting
 
-RELEVANCE_MODES = ("auto", "clip", "llm")
+RELEVANCE_MODES = ("auto", "clip", "llm", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,8 @@ class FsrSettings(Settings):
                          minimum=0.0, exclusive_minimum=True, maximum=1.0)
     kappa: float = setting(1.0, help="Refine: discarded tokens merged per anchor (>= 0).", minimum=0.0)
     relevance: str = setting("auto", help="Instruction relevance: auto (CLIP when the model has a CLIP text tower, "
-                                          "else llm) | clip | llm (mean LLM input embedding of the instruction).",
+                                          "else llm) | clip | llm (mean LLM input embedding of the instruction) | none (the "
+                                          "term omitted: phi = s_hat^beta; the vision graph takes pixels only).",
                              choices=RELEVANCE_MODES)
 
 
@@ -49,8 +50,9 @@ class FocusScanRefine(PruningMethod):
     tensorrt_plugin = True
     near_tie_analysis = "focus-scan-refine"
 
-    def relevance_mode(self, settings: FsrSettings) -> str:
-        return settings.relevance
+    def relevance_mode(self, settings: FsrSettings) -> str | None:
+        """``none``: the spec's "relevance omitted" (r_hat = 1, phi = s_hat^beta); no instruction input."""
+        return None if settings.relevance == "none" else settings.relevance
 
     def op_settings(self, settings: FsrSettings) -> dict:
         """The op's attributes (``fsr-op.md``)."""

@@ -12,6 +12,9 @@ from fsr.manifest import Manifest
 from fsr.runtime.backend import Backend, BackendError, Runner
 
 
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 class OnnxRuntimeRunner(Runner):
     def __init__(self, name: str, path: Path, providers: list[str] | None = None, threads: int | None = None):
         super().__init__(name, path)
@@ -30,12 +33,20 @@ class OnnxRuntimeRunner(Runner):
             raise BackendError(f"ONNX Runtime cannot load graph {self.name!r} ({self.path}): {exc}") from exc
         self._inputs = [i.name for i in self.session.get_inputs()]
         self._outputs = [o.name for o in self.session.get_outputs()]
+        # float inputs in the graph's own float type (an fp16 graph may take float32 pixels: Transformers.js layout)
+        self._floats = {i.name: _FLOAT_TYPES[i.type] for i in self.session.get_inputs() if i.type in _FLOAT_TYPES}
 
     def deactivate_impl(self) -> None:
         self.session = None
 
     def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
-        out = self.session.run(self._outputs, {k: np.ascontiguousarray(v) for k, v in feed_dict.items()})
+        feeds = {}
+        for k, v in feed_dict.items():
+            v = np.asarray(v)
+            if k in self._floats and v.dtype.kind == "f":
+                v = v.astype(self._floats[k], copy=False)
+            feeds[k] = np.ascontiguousarray(v)
+        out = self.session.run(self._outputs, feeds)
         return dict(zip(self._outputs, out))
 
 
