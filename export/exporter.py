@@ -16,6 +16,10 @@ reads and puts its op into the vision graph. The export folder::
     decoder.onnx         prefill and decode (or decoder_0.onnx, ... per segment)
     text_encoder.onnx    CLIP text tower (only when relevance comes from CLIP)
 
+``ExportSettings(format="transformers.js")`` writes the graphs as ``onnx/vision_encoder.onnx``,
+``onnx/embed_tokens.onnx``, ``onnx/decoder_model_merged.onnx`` with the files Transformers.js
+reads beside them (`fsr.export.transformers_js`); the manifest points at them.
+
 Everything is written into a temporary folder beside the target and moved into place
 at the end, so a failure or an interrupt never leaves a half-written export behind.
 """
