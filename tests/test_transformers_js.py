@@ -27,6 +27,7 @@ from fsr.export import ExportSettings, describe, export_model
 from fsr.export.transformers_js import LayoutError
 from fsr.manifest import Manifest, read_manifest
 from fsr.models import get_spec, load_model
+from fsr.pruning.methods import method_names
 from fsr.runtime.pipeline import Pipeline
 from fsr.runtime.reference import ReferencePipeline
 
@@ -307,3 +308,61 @@ def test_external_data_follows_the_graph_under_transformers_js_name(tmp_path):
     assert session.get_inputs()[0].shape[0] == "batch_size"
     x = np.ones((2, 3), np.float32)
     np.testing.assert_array_equal(session.run(None, {"inputs_embeds": x})[0], x @ weight)
+
+
+OTHER_METHODS = [m for m in method_names(exportable=True) if m not in ("none", "fsr")]
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_other_in_graph_methods_run_in_transformers_js(method, transformers_js, images336, tmp_path_factory):
+    """Every other exportable method, default settings, fp32: Transformers.js = our pipeline."""
+    try:
+        export = _export(tmp_path_factory, method, method)
+    except LayoutError as exc:
+        pytest.skip(f"{method} cannot run in Transformers.js as it is: {exc}")
+    pairs = [(images336[1], PROMPTS[0])]
+    [js] = run_node(transformers_js, export, pairs)
+    with Pipeline(export) as pipe:
+        [result] = pipe.generate([pairs[0][0]], [pairs[0][1]], max_new_tokens=MAX_NEW)
+    assert js["token_ids"] == result.token_ids
+    assert js["kept_indices"] == (None if result.kept_indices is None else [result.kept_indices])
+
+
+# ----------------------------------------------------------------------------- our other commands on it
+
+
+def test_fsr_compare_reads_it(tjs_fsr16, tmp_path):
+    """fsr-compare: every graph of the fp16 FSR export (renamed output, float32 pixels) vs PyTorch, end to end."""
+    from fsr.compare import CompareOptions, compare_export
+
+    report = compare_export(tjs_fsr16, CompareOptions(backends=("torch", "ort"), out_dir=tmp_path, fidelity=False,
+                                                      max_new_tokens=4))
+    assert report["passed"], report["failures"]
+    vision = [g for g in report["graphs"] if g["graph"] == "vision" and g["backend"] == "ort"]
+    assert vision and {o["output"] for o in vision[0]["outputs"]} == {"image_features", "kept_indices"}
+
+
+def test_fsr_build_reads_it(tjs_fsr16, tmp_path):
+    """fsr-build: profiles from the batch_size dims, the fp16 vision encoder (float32 pixels) seen as fp16,
+    and a TensorRT engine built ahead of time (where tensorrt or tensorrt_rtx is installed)."""
+    from fsr.engines.loader import graph_float_type
+    from fsr.engines.profiles import graph_profiles
+
+    manifest = read_manifest(tjs_fsr16)
+    prefill, decode = graph_profiles(manifest, "decoder", 2, 256)
+    assert prefill.dims["batch"] == [1, 1, 2] and decode.dims["past_sequence"][2] == 255
+    assert graph_float_type(tjs_fsr16 / manifest.graphs["vision"].file) == "fp16"
+    try:
+        from fsr.engines.trt_import import TensorRTMissing, import_tensorrt
+
+        import_tensorrt()
+    except (ImportError, TensorRTMissing) as exc:
+        pytest.skip(f"needs tensorrt or tensorrt_rtx: {exc}")
+    from fsr.engines.builder import BuildSettings, build_engines
+
+    export = tmp_path / "export"
+    shutil.copytree(tjs_fsr16, export)
+    build_engines(export, BuildSettings(precision="fp16", max_batch=1, max_seq=256, graphs=("embed",)))
+    engines = read_manifest(export).engines
+    assert [e.graph for e in engines.values()] == ["embed"]
+    assert next(iter(engines.values())).source.file == "onnx/embed_tokens_fp16.onnx"
