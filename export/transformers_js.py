@@ -58,7 +58,7 @@ FILE_NAMES = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "d
 RENAMED = {"vision": {"image_tokens": "image_features"}}
 BATCH_DIM = "batch_size"  # the dim name Transformers.js sets to the batch when it builds the empty cache
 #: files of source/ copied to the top level as they are (those that exist)
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "special_tokens_map.json")
+COPIED = ("generation_config.json", "tokenizer.json", "special_tokens_map.json")
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16"}
 
 
@@ -180,7 +180,7 @@ def write_configs(root: Path, manifest: Manifest, processor_config: dict, extern
     """The top-level JSON files Transformers.js reads, from ``source/`` and the family's processor keys."""
     source = root / SOURCE_DIR
     for name in COPIED:
-        if (source / name).is_file() and name != "config.json":
+        if (source / name).is_file():
             atomic_write(root / name, (source / name).read_bytes())
     config = _read(source / "config.json")
     config["transformers.js_config"] = {"dtype": manifest.dtype, **(
