@@ -26,7 +26,7 @@ from fsr.files import check_output_folder
 from fsr.models import FAMILIES, check_checkpoint, get_spec, load_model, resolve_model_path
 from fsr.models.registry import FamilyEntry, ModelError, resolve_clip_path
 from fsr.pruning.methods import MethodError, get_method, method_names, methods
-from fsr.settings import DTYPES, SettingField
+from fsr.settings import DTYPES, FORMATS, SettingField
 
 app = make_app("Export vision-language models to ONNX with visual-token pruning inside the graphs.", subcommands=True)
 
@@ -78,6 +78,9 @@ def _common_parameters(entry: FamilyEntry) -> list[inspect.Parameter]:
         inspect.Parameter("output", kw, annotation=Optional[Path], default=typer.Option(
             None, "--output", "-o", help=f"Export folder (default exports/{entry.name}-<model>-<method>).")),
         inspect.Parameter("dtype", kw, annotation=str, default=typer.Option("fp32", help=" | ".join(DTYPES) + ".")),
+        inspect.Parameter("format", kw, annotation=str, default=typer.Option(
+            "native", "--format", help=f"{' | '.join(FORMATS)}: our layout, or one Transformers.js runs as it is "
+                                       "(onnx/*.onnx + its config files; our commands read both).")),
         inspect.Parameter("seed", kw, annotation=int, default=typer.Option(0, help="Seed of a preset's random weights.")),
         inspect.Parameter("force", kw, annotation=bool, default=typer.Option(
             False, "--force", help="Replace an existing output folder.")),
@@ -122,6 +125,12 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
     dtype = values["dtype"]
     if dtype not in DTYPES:
         raise MethodError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if values["format"] not in FORMATS:
+        raise MethodError(f"unknown --format {values['format']!r}; choose one of {', '.join(FORMATS)}")
+    if values["format"] == "transformers.js" and method.relevance_mode(settings) is not None:
+        raise MethodError(f"--format transformers.js: method {method.name!r} reads instruction relevance, but "
+                          "Transformers.js gives the vision encoder pixel_values only; pass --relevance none (the "
+                          "relevance term omitted: phi = s_hat^beta) or use --format native")
     model = values["model"]
     name = model or entry.default_preset
     if model is not None and model not in entry.presets:
@@ -151,7 +160,8 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
             identity = method.identity_note(settings, n_image)
             if identity:
                 print_note(identity)
-            export_settings = fsr.export.ExportSettings(method.name, dtype=dtype, settings=settings)
+            export_settings = fsr.export.ExportSettings(method.name, dtype=dtype, settings=settings,
+                                                        format=values["format"])
 
             def progress(step: str) -> None:
                 err.log(step)
@@ -162,7 +172,7 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
         err.print(f"[red]{exc or 'interrupted: nothing was written'}[/]")
         raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     err.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
-              f"({method.describe(settings, n_image)}, {dtype})")
+              f"({method.describe(settings, n_image)}, {dtype}, {values['format']} layout)")
 
 
 for _entry in FAMILIES.values():

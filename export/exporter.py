@@ -18,6 +18,10 @@ reads and puts its op into the vision graph. The export folder::
     decoder.onnx         prefill and decode (or decoder_0.onnx, ... per segment)
     text_encoder.onnx    CLIP text tower (only when relevance comes from CLIP)
 
+``ExportSettings(format="transformers.js")`` writes the graphs as ``onnx/vision_encoder.onnx``,
+``onnx/embed_tokens.onnx``, ``onnx/decoder_model_merged.onnx`` with the files Transformers.js
+reads beside them (`fsr.export.transformers_js`); the manifest points at them.
+
 Everything is written into a temporary folder beside the target and moved into place
 at the end, so a failure or an interrupt never leaves a half-written export behind.
 """
@@ -36,6 +40,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from fsr.errors import FsrError
+from fsr.export import transformers_js
 from fsr.export.trace import save_forms, trace, trace_to_onnx
 from fsr.files import OutputFolder
 from fsr.graph_passes import finalize
@@ -47,7 +52,7 @@ from fsr.models import get_spec
 from fsr.models.spec import CLIP_RELEVANCE, TORCH_DTYPES, GraphSpec, LoadedModel
 from fsr.onnx_io import save_onnx
 from fsr.pruning.methods import get_method, method_names
-from fsr.settings import DTYPES, Settings
+from fsr.settings import DTYPES, FORMATS, Settings
 
 #: the vision graph's tensor between a method placed before the projector and the projector
 PRUNED_FEATURES = "pruned_features"
@@ -66,9 +71,10 @@ class ExportSettings:
     """
 
     def __init__(self, method: str = "fsr", *, dtype: str = "fp32", decoder_splits: tuple[int, ...] = (),
-                 settings: Settings | None = None, **options: Any):
+                 settings: Settings | None = None, format: str = "native", **options: Any):
         self.method = method
         self.dtype = dtype
+        self.format = format
         self.decoder_splits = tuple(decoder_splits)
         pruning = get_method(method)
         self.method_settings = settings if settings is not None else pruning.settings(**options)
@@ -89,13 +95,15 @@ class ExportSettings:
         self.method_settings.validate()
         if self.dtype not in DTYPES:
             raise ExportConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.format not in FORMATS:
+            raise ExportConfigError(f"unknown export format {self.format!r}; choose one of {', '.join(FORMATS)}")
         splits = list(self.decoder_splits)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in splits) or splits != sorted(set(splits)):
             raise ExportConfigError(f"decoder_splits must be increasing layer indices >= 1 (got {splits})")
 
     def __repr__(self) -> str:
         return (f"ExportSettings(method={self.method!r}, settings={self.method_settings!r}, dtype={self.dtype!r}, "
-                f"decoder_splits={self.decoder_splits!r})")
+                f"decoder_splits={self.decoder_splits!r}, format={self.format!r})")
 
 
 def _noop(step: str) -> None:
@@ -137,6 +145,7 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
         graphs={name: GraphEntry([], [], []) for name in names},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         packages=package_versions(),
+        layout=transformers_js.LAYOUTS[settings.format],
     )
     prune = spec.prune_graph_names(config, manifest)  # the method's op on host-gathered rows (multi-crop families)
     manifest.graphs = {name: GraphEntry([], [], []) for name in names[:2] + prune + names[2:]}
@@ -195,6 +204,9 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
     spec = get_spec(loaded.family)
     loaded = _in_dtype(loaded, TORCH_DTYPES[settings.dtype])
     manifest = describe(loaded, settings)
+    tjs = settings.format == transformers_js.TRANSFORMERS_JS
+    if tjs:  # refused before anything is traced
+        transformers_js.check_exportable(manifest, f"method {settings.method!r}", spec.supports_transformers_js)
 
     progress("saving the source model (HF checkpoint + processor)")
     spec.save_source(loaded, root / SOURCE_DIR, spec.clip_subfolder)
@@ -205,6 +217,11 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
         progress(_step(graph))
         paths[graph.name], forms[graph.name] = trace_graph(graph, root)
 
+    if tjs:
+        progress("writing the Transformers.js layout (onnx/, config.json, processor and tokenizer files)")
+        processor = spec.transformers_js_processor(loaded, manifest.image.kept_image_tokens)
+        paths, forms = transformers_js.write_layout(root, manifest, paths, processor, forms)
+
     progress("checking every graph (onnx.checker, full)")
     for name, path in paths.items():
         for p in [path, *forms[name].values()]:
@@ -212,6 +229,9 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
 
     progress("writing manifest.json")
     manifest.graphs = {name: graph_entry(path, root, forms[name]) for name, path in paths.items()}
+    if tjs:
+        for name, entry in manifest.graphs.items():
+            entry.aliases = transformers_js.aliases(name)
     manifest.source = SourceInfo(SOURCE_DIR, hash_folder(root, SOURCE_DIR))
     write_manifest(root, manifest)
 
@@ -298,8 +318,8 @@ def graph_entry(path: Path, root: Path, forms: dict[str, Path] | None = None) ->
     """Inputs, outputs, files and hashes of one written graph (its external data after it) and of its
     forms. Inputs with an initializer (a default value) are listed as ``optional_inputs``."""
     model = onnx.load(path, load_external_data=False)
-    data = path.with_name(path.name + ".data")
-    files: list[FileRecord] = [file_record(root, p) for p in [path, data] if p.is_file()]
+    data = [path.with_name(path.name + suffix) for suffix in (".data", "_data")]  # native, Transformers.js
+    files: list[FileRecord] = [file_record(root, p) for p in [path, *data] if p.is_file()]
     defaults = {t.name for t in model.graph.initializer}
     inputs = [_tensor(v) for v in model.graph.input if v.name not in defaults]
     optional = [_tensor(v) for v in model.graph.input if v.name in defaults]

@@ -45,7 +45,7 @@ from fsr.files import atomic_write, locked
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 SOURCE_DIR = "source"
-LAYOUT = "fsr"  # the file layout of an export's graphs (a second one may follow)
+LAYOUT = "fsr"  # the file layout of an export's graphs: "fsr" (native) or "transformers.js" (fsr.export.transformers_js)
 PACKAGES = ("fsr-export", "torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "onnxscript")
 #: Files of ``source/`` a runtime that does not run the PyTorch weights never reads.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -100,6 +100,9 @@ class GraphEntry:
     outputs: list[TensorInfo]
     optional_inputs: list[TensorInfo] = dataclasses.field(default_factory=list)
     forms: dict[str, GraphForm] = dataclasses.field(default_factory=dict)
+    #: tensors the file names otherwise than our tools do: file name -> our name (a layout whose
+    #: client reads a tensor by another name: Transformers.js's ``image_features`` is ``image_tokens``)
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def file(self) -> str:
@@ -112,6 +115,10 @@ class GraphEntry:
             for f in form.files:
                 seen.setdefault(f.path, f)
         return list(seen.values())
+
+    def our_names(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """A run's outputs (by the file's names) by the names our tools use."""
+        return {self.aliases.get(k, k): v for k, v in outputs.items()} if self.aliases else outputs
 
     @property
     def input_names(self) -> list[str]:

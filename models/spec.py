@@ -266,6 +266,16 @@ class ModelSpec:
             return loaded.clip.config.projection_dim
         return self.llm_dims(loaded.config).hidden_size
 
+    # -- other clients' layouts -------------------------------------------------------------
+
+    #: whether Transformers.js (4.3.2) runs this family from `transformers_js_processor`'s files
+    supports_transformers_js: ClassVar[bool] = False
+
+    def transformers_js_processor(self, loaded: LoadedModel, kept_tokens: int) -> dict:
+        """``processor_config.json`` for Transformers.js: its processor class and the keys that make it
+        expand the image token to ``kept_tokens`` tokens (`fsr.export.transformers_js`)."""
+        raise ModelError(f"the {self.name} family has no Transformers.js layout")
+
     # -- modules ----------------------------------------------------------------------------
 
     def vision_tower(self, loaded: LoadedModel, outputs: tuple[str, ...], relevance: str | None) -> VisionTower:

@@ -100,6 +100,9 @@ def session_options(threads: int | None, spin: str) -> ort.SessionOptions:
     return opts
 
 
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 class OnnxRuntimeRunner(Runner):
     """One ONNX Runtime session. With ``kv_buffers`` (a graph whose attention updates past/present
     buffers in place), past inputs may be `KVBuffer` s and present outputs are returned as the same
@@ -127,6 +130,8 @@ class OnnxRuntimeRunner(Runner):
         if self.kv_buffers and (missing or not self._pairs):
             raise BackendError(f"graph {self.name!r} ({self.path}) has no matching present output for every past "
                                f"input (missing {missing}); it cannot update its KV cache in place")
+        # float inputs in the graph's own float type (an fp16 graph may take float32 pixels: Transformers.js layout)
+        self._floats = {i.name: _FLOAT_TYPES[i.type] for i in self.session.get_inputs() if i.type in _FLOAT_TYPES}
 
     def deactivate_impl(self) -> None:
         self.session = None
@@ -136,11 +141,20 @@ class OnnxRuntimeRunner(Runner):
         return self._optional
 
     def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
+        feed_dict = {k: self._own_float(k, v) for k, v in feed_dict.items()}
         if self.kv_buffers:
             return self._infer_in_place(feed_dict)
         feeds = {k: np.ascontiguousarray(v.valid() if isinstance(v, KVBuffer) else v) for k, v in feed_dict.items()}
         out = self.session.run(self._outputs, feeds)
         return dict(zip(self._outputs, out))
+
+    def _own_float(self, name: str, value):
+        """A float input in the graph's own float type (an fp16 graph may take float32 pixels: Transformers.js)."""
+        if name in self._floats and not isinstance(value, KVBuffer):
+            value = np.asarray(value)
+            if value.dtype.kind == "f" and value.dtype != self._floats[name]:
+                return value.astype(self._floats[name])
+        return value
 
     # -- past/present buffer sharing -------------------------------------------------------
 

@@ -270,8 +270,10 @@ class Pipeline(HostSteps):
         self.close()
 
     def _run(self, graph: str, feeds: dict) -> dict:
-        return self.runners[graph].infer({k: self.backend.from_host(v) if isinstance(v, np.ndarray) else v
-                                          for k, v in feeds.items()})
+        out = self.runners[graph].infer({k: self.backend.from_host(v) if isinstance(v, np.ndarray) else v
+                                         for k, v in feeds.items()})
+        entry = self.manifest.graphs.get(graph)
+        return entry.our_names(out) if entry is not None else out
 
     # -- 1./2. preprocessing and the instruction embedding: HostSteps --------------------------
 
