@@ -231,7 +231,7 @@ def targets_from_exports(export_dirs: list[Path], backend: str, budgets: list[in
     by_key: dict[tuple[str, int], tuple[Path, Manifest]] = {}
     for d, m in found:
         method = get_method(m.method.name)
-        if m.image.kept_image_tokens >= n_image and not method.is_identity(
+        if method.prunes and m.image.kept_image_tokens >= n_image and not method.is_identity(
                 method.settings_from_json(m.method.settings), n_image):
             raise BenchError(f"{d} ({method.describe(method.settings_from_json(m.method.settings), n_image)}) hands "
                              f"the LLM {m.image.kept_image_tokens} image tokens, no fewer than the unpruned model's "
