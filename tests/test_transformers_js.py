@@ -176,7 +176,11 @@ def test_layout_is_what_transformers_js_reads(name, request):
     assert decoder.output_names[0] == "logits"
 
     config = json.loads((export / "config.json").read_text())
-    assert config["transformers.js_config"] == {"dtype": manifest.dtype}
+    # graphs with a weight file (the decoder's, shared with its ONNX Runtime form) are named for Transformers.js
+    external = {p.name[:-len("_data")]: 1 for p in (export / "onnx").glob("*.onnx_data")}
+    assert external == ({f"decoder_model_merged{suffix}.onnx": 1} if external else {})
+    assert config["transformers.js_config"] == {"dtype": manifest.dtype,
+                                                **({"use_external_data_format": external} if external else {})}
     assert config["model_type"] == "llava"
     processor = json.loads((export / "processor_config.json").read_text())
     size = manifest.vision.image_size
