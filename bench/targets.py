@@ -170,7 +170,7 @@ def open_export(export_dir: Path, backend: str, workdir: Path, *, device: str | 
         pass
     elif is_unpruned(manifest):
         tower = pipe.runners["vision"]
-    elif pipe.spec.host_pruning:  # the vision graph is the tower; the op runs in prune graphs, inside "vision"
+    elif pipe.spec.prunes_on_host(method):  # the vision graph is the tower; the op runs in prune graphs, inside "vision"
         tower = pipe.runners["vision"]
         notes.append("pruning op: its prune graphs run per crop inside the vision step (not timed apart)")
     elif backend == "torch":

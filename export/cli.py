@@ -172,7 +172,8 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
         err.print(f"[red]{exc or 'interrupted: nothing was written'}[/]")
         raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     err.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
-              f"({method.describe(settings, n_image)}, {dtype}, {values['format']} layout)")
+              f"({get_spec(entry.name).describe_method(loaded.config, method, settings)}, {dtype}, "
+              f"{values['format']} layout)")
 
 
 for _entry in FAMILIES.values():

@@ -118,16 +118,20 @@ class VisionWithMethod(nn.Module):
 
     ``op`` takes the tower's outputs positionally and returns ``(pruned, kept_indices)``
     (or the tokens alone); with ``projector`` (a method placed before the projector) the
-    pruned features go through it.
+    pruned features go through it. ``num_inputs``: how many of the tower's outputs the op takes
+    (the first ones; None: all), the rest being a family's own (NeXT's ``image_newline``).
     """
 
-    def __init__(self, tower: VisionTower, op: nn.Module, projector: nn.Module | None = None):
+    def __init__(self, tower: VisionTower, op: nn.Module, projector: nn.Module | None = None,
+                 num_inputs: int | None = None):
         super().__init__()
         self.tower, self.op, self.projector = tower, op, projector
+        self.num_inputs = num_inputs
 
     def forward(self, *inputs: torch.Tensor):
         outs = self.tower(*inputs)
-        result = self.op(*(outs if isinstance(outs, tuple) else (outs,)))
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        result = self.op(*outs[:self.num_inputs])  # a family's own outputs after them (NeXT's newline): not the op's
         if self.projector is not None:
             if isinstance(result, tuple):
                 return (self.projector(result[0]), *result[1:])

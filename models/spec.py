@@ -46,7 +46,7 @@ from fsr.models.parts import (
     VisionWithMethod,
 )
 from fsr.models.registry import ModelError, check_checkpoint, read_config, resolve_model_path
-from fsr.pruning.methods import BEFORE_PROJECTOR, get_method
+from fsr.pruning.methods import BEFORE_PROJECTOR, PER_CROP, get_method
 from fsr.pruning.modules import ReferenceModule
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -153,6 +153,18 @@ class HostPruning:
     scope: str
 
 
+@dataclasses.dataclass
+class CropPruning:
+    """A method's op ran in the vision graph on every crop row (a multi-crop family, a ``PER_CROP``
+    method): the vision graph's ``image_tokens`` / ``kept_indices`` are per crop, and ``arrange(base,
+    tiles, positions)`` (the method's `fsr.pruning.methods.PruningMethod.arrange_crops` with the
+    export's settings) lays one image's crops out: ``base`` and each of ``tiles`` = ``(tokens [K, H],
+    kept [K])``, ``positions[t]`` = tile ``t``'s patches' row-major indices on the stitched grid."""
+
+    arrange: Callable[[tuple, list, list], np.ndarray]
+    tokens_per_crop: int  # patches per crop (the vision dims'): a tile's side is its square root
+
+
 def prune_graph_name(budget: int) -> str:
     """The export's graph that runs the method's op with this per-row budget (host pruning)."""
     return f"prune_b{budget}"
@@ -183,6 +195,7 @@ class ModelSpec:
     clip_max_tokens: ClassVar[int | None] = None  # the CLIP text context (chunk length of instructions)
     #: True: the vision graph returns the tower's outputs per crop and the method's op runs in
     #: ``prune_b<budget>`` graphs on rows the host gathers (`image_features` with a `HostPruning`)
+    #: (a ``PER_CROP`` method, `op_in_vision_graph`, runs in the vision graph per crop instead)
     host_pruning: ClassVar[bool] = False
     scopes: ClassVar[tuple[str, ...]] = ("crop", "image")  # pruning scopes (the same for one-crop families)
 
@@ -345,7 +358,7 @@ class ModelSpec:
         spec = GraphSpec("vision", "vision", tower, names, tower.output_names,
                          example_inputs=lambda: self.vision_example_inputs(loaded, names, relevance, dtype),
                          dynamic_shapes=tuple({0: batch} for _ in names))
-        if self.host_pruning:  # the op runs in the prune graphs
+        if not self.op_in_vision_graph(method):  # the tower per crop; the op (if any) runs in the prune graphs
             if method.prunes and before:
                 raise ModelError(f"the {self.name} family prunes crops on the host after the projector; method "
                                  f"{method.name!r} runs before the projector and cannot be exported for it")
@@ -360,11 +373,50 @@ class ModelSpec:
             op = ReferenceModule(method.reference(settings), inputs)
         else:
             raise ValueError(f"unknown graph form {form!r}")
-        spec.module = VisionWithMethod(tower, op, projector)
+        spec.module = VisionWithMethod(tower, op, projector, num_inputs=len(inputs))
         spec.output_names = list(method.outputs())
         return spec
 
     # -- pruning on host-gathered rows (families with ``host_pruning``) -------------------------
+
+    def op_in_vision_graph(self, method) -> bool:
+        """Whether ``method``'s op sits in the vision graph: always for a one-crop family; for a family
+        with ``host_pruning``, only a pruning ``PER_CROP`` method (every crop row as the tower gives it;
+        `image_features` then lays the crops out with the method's ``arrange_crops``). Otherwise the
+        vision graph returns the tower's outputs per crop and the host lays them out (and runs a
+        pruning method's op in ``prune_b<K>`` graphs: `prunes_on_host`)."""
+        return not self.host_pruning or (method.prunes and method.multi_crop == PER_CROP)
+
+    def prunes_on_host(self, method) -> bool:
+        """Whether ``method``'s op runs on host-gathered rows (``prune_b<K>`` graphs)."""
+        return method.prunes and not self.op_in_vision_graph(method)
+
+    def prunes_per_crop(self, method) -> bool:
+        """Whether a multi-crop family runs ``method``'s op on every crop row in the vision graph."""
+        return self.host_pruning and method.prunes and self.op_in_vision_graph(method)
+
+    def crop_pruning(self, manifest: Manifest) -> CropPruning | None:
+        """How `image_features` lays out crops the export's method already pruned in the vision graph
+        (`prunes_per_crop`), else None."""
+        method = get_method(manifest.method.name)
+        if not self.prunes_per_crop(method):
+            return None
+        settings = method.settings_from_json(manifest.method.settings)
+        return CropPruning(lambda base, tiles, positions: method.arrange_crops(settings, base, tiles, positions),
+                           manifest.vision.tokens_per_crop)
+
+    def kept_image_tokens(self, config, method, settings) -> int:
+        """Image tokens the LLM sees per image with the method (the most, for variable layouts)."""
+        return method.kept_tokens(settings, self.num_image_tokens(config))
+
+    def describe_method(self, config, method, settings) -> str:
+        """The method and its settings in one line, for this family (``fsr-export``'s last line)."""
+        return method.describe(settings, self.num_image_tokens(config))
+
+    def method_details(self, config, method, settings) -> dict:
+        """What the manifest's ``method.details`` records about the method in this family, beside the
+        method's own `manifest_details` (a multi-crop family: where the budget applies)."""
+        return {}
 
     def pruning_budgets(self, config, budget: int, scope: str) -> list[int]:
         """Every per-row budget a total of ``budget`` per image needs in ``scope``."""
@@ -373,7 +425,7 @@ class ModelSpec:
     def prune_graph_names(self, config, manifest: Manifest) -> list[str]:
         """The export's ``prune_b<budget>`` graphs (none unless the family prunes on the host)."""
         method = get_method(manifest.method.name)
-        if not self.host_pruning or not method.prunes:
+        if not self.prunes_on_host(method):
             return []
         settings = method.settings_from_json(manifest.method.settings)
         return [prune_graph_name(b) for b in self.pruning_budgets(config, method.budget(settings),
@@ -515,9 +567,10 @@ class ModelSpec:
         return feeds
 
     def image_features(self, outputs: dict[str, np.ndarray], batch: VisionBatch,
-                       prune: HostPruning | None = None) -> ImageFeatures:
+                       prune: HostPruning | CropPruning | None = None) -> ImageFeatures:
         """The vision graph's outputs -> each row's image embeddings (one image per row here;
-        ``prune`` is for families with ``host_pruning``)."""
+        ``prune`` is for families with ``host_pruning``: the op on host-gathered rows, or the layout of
+        crops a ``PER_CROP`` method pruned in the vision graph)."""
         tokens = outputs["image_tokens"]
         kept = outputs.get("kept_indices")
         return ImageFeatures([[tokens[b]] for b in range(tokens.shape[0])],

@@ -51,7 +51,7 @@ from fsr.manifest import Manifest, read_manifest
 from fsr.models import get_spec
 from fsr.models.parts import LOGITS_INDEX
 from fsr.models.spec import (
-    CLIP_RELEVANCE, NP_DTYPES, HostPruning, ImageFeatures, PrefillInputs, Request, prune_graph_name,
+    CLIP_RELEVANCE, NP_DTYPES, CropPruning, HostPruning, ImageFeatures, PrefillInputs, Request, prune_graph_name,
 )
 from fsr.pruning.methods import get_method
 from fsr.runtime.backend import Backend, BackendError, get_backend
@@ -194,11 +194,17 @@ class HostSteps:
 
     def host_pruning(self) -> HostPruning | None:
         """How the method's op runs on host-gathered rows (families with ``host_pruning``), or None."""
-        if not self.spec.host_pruning or not self.method.prunes:
+        if not self.spec.prunes_on_host(self.method):
             return None
         settings = self.method.settings_from_json(self.manifest.method.settings)
         return HostPruning(self.prune_rows, self.method.inputs(settings, self.relevance is not None),
                            self.method.budget(settings), self.method.scope(settings))
+
+    def pruning_plan(self) -> HostPruning | CropPruning | None:
+        """What the family's `image_features` gets beside the vision outputs: the op on host-gathered
+        rows (`host_pruning`), the method's layout of crops it pruned in the vision graph (a ``PER_CROP``
+        method on a multi-crop family), or None."""
+        return self.host_pruning() or self.spec.crop_pruning(self.manifest)
 
     def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -299,7 +305,7 @@ class Pipeline(HostSteps):
 
     def vision(self, request: Request, instruction_embeds: np.ndarray | None) -> ImageFeatures:
         return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision,
-                                        self.host_pruning())
+                                        self.pruning_plan())
 
     def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The ``prune_b<budget>`` graph on host-gathered rows -> (pruned, kept_indices) host arrays."""
