@@ -82,6 +82,7 @@ def trace(module: torch.nn.Module, args: tuple, *, name: str, input_names: list[
         raise ExportError(f"tracing the {name!r} graph to ONNX failed: {exc}") from exc
     model.ir_version = IR_VERSION
     model.graph.name = name
+    _pass_through(model.graph, output_names)
     inputs = {v.name: v for v in model.graph.inputs}
     for key, default in (optional or {}).items():
         if key not in inputs:
@@ -90,6 +91,20 @@ def trace(module: torch.nn.Module, args: tuple, *, name: str, input_names: list[
         value.const_value = ir.Tensor(np.ascontiguousarray(default), name=key)
         model.graph.register_initializer(value)
     return model
+
+
+def _pass_through(graph, output_names: list[str]) -> None:
+    """An output asked to bear an input's name (a graph that hands its inputs on, e.g. the one a
+    pruning op is spliced into) is that input itself: the exporter names it ``<name>_1`` behind an
+    Identity, which is dropped here so that the output is the input, under the name asked for."""
+    inputs = {v.name: v for v in graph.inputs}
+    for i, (value, wanted) in enumerate(zip(list(graph.outputs), output_names)):
+        producer = value.producer()
+        if (value.name != wanted and wanted in inputs and producer is not None and producer.op_type == "Identity"
+                and producer.inputs[0] is inputs[wanted]):
+            graph.outputs[i] = inputs[wanted]
+            if not value.uses():
+                graph.remove(producer, safe=True)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
