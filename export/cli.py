@@ -25,7 +25,7 @@ from fsr.cli import command, err, exit_program, make_app, print_note, run_app
 from fsr.files import check_output_folder
 from fsr.models import FAMILIES, check_checkpoint, get_spec, load_model, resolve_model_path
 from fsr.models.registry import FamilyEntry, ModelError, resolve_clip_path
-from fsr.pruning.methods import MethodError, get_method, method_names, methods
+from fsr.pruning.methods import PER_CROP, MethodError, get_method, method_names, methods
 from fsr.settings import DTYPES, FORMATS, SettingField
 
 app = make_app("Export vision-language models to ONNX with visual-token pruning inside the graphs.", subcommands=True)
@@ -55,9 +55,20 @@ def method_options() -> dict[str, tuple[SettingField, list[str]]]:
     return out
 
 
-def _option_parameter(field: SettingField, users: list[str]) -> inspect.Parameter:
+def _budget_note(entry: FamilyEntry, users: list[str]) -> str:
+    """What ``--budget`` counts in a multi-crop family: per crop for a ``per_crop`` method, per image otherwise."""
+    per_crop = [n for n in users if get_method(n).multi_crop == PER_CROP]
+    if not entry.multi_crop or not per_crop:
+        return ""
+    others = [n for n in users if n not in per_crop]
+    return (f" {entry.name}: per crop for {', '.join(per_crop)} (every crop of an image: n crops get n x budget "
+            "tokens)" + (f", per image for {', '.join(others)}" if others else "") + ".")
+
+
+def _option_parameter(field: SettingField, users: list[str], entry: FamilyEntry) -> inspect.Parameter:
     choices = f" ({' | '.join(map(str, field.info.choices))})" if field.info.choices else ""
-    text = f"{field.info.help}{choices} (method {', '.join(users)}; default {field.default})"
+    note = _budget_note(entry, users) if field.name == "budget" else ""
+    text = f"{field.info.help}{choices}{note} (method {', '.join(users)}; default {field.default})"
     annotation = Optional[field.type] if field.type in (int, float, str, bool) else Optional[str]
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                              default=typer.Option(None, field.flag, help=text, show_default=False))
@@ -93,7 +104,7 @@ def _make_family_command(entry: FamilyEntry):
     def export(**values: Any) -> None:
         export_family(entry, values, list(options))
 
-    params = _common_parameters(entry) + [_option_parameter(f, users) for f, users in options.values()]
+    params = _common_parameters(entry) + [_option_parameter(f, users, entry) for f, users in options.values()]
     export.__signature__ = inspect.Signature(params, return_annotation=None)
     export.__annotations__ = {p.name: p.annotation for p in params}
     export.__doc__ = f"Export {entry.summary.split(':')[0]}: vision (+ pruning op), token embedding, decoder " \

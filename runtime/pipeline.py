@@ -70,8 +70,17 @@ class GenerationResult:
 
     def to_json(self) -> dict:
         """One result of ``fsr-run --json``: ``{"token_ids", "text", "kept_indices", "stop"}``."""
-        return {"token_ids": self.token_ids, "text": self.text, "kept_indices": self.kept_indices,
+        return {"token_ids": self.token_ids, "text": self.text, "kept_indices": _plain(self.kept_indices),
                 "stop": self.stop}
+
+
+def _plain(value):
+    """Kept indices as JSON values: a multi-crop family's per-crop arrays become lists of ints."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ row-major; the tiles' [CLS] tokens; their contextual tokens), then Hugging Face 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 
@@ -134,6 +135,7 @@ def test_batch1_generates_exactly_the_hf_reference(pipe, reference, next_images,
     assert got.token_ids == expected and len(expected) > 1
     assert len(got.kept_indices) == crops and _same_kept(got.kept_indices, kept)
     assert all(k[0] == 0 and len(k) == BUDGET for k in got.kept_indices)  # [CLS] first, 64 rows per crop
+    assert json.loads(json.dumps(got.to_json()))["kept_indices"] == [k.tolist() for k in kept]  # fsr-run --json
 
 
 def test_batch2_of_different_crop_counts_generates_exactly_the_hf_reference(pipe, reference, next_images):
@@ -207,8 +209,16 @@ def test_manifest_says_the_budget_is_per_crop(next_vz64, pipe):
     assert spec.op_in_vision_graph(get_method("visionzip")) and not spec.prunes_on_host(get_method("visionzip"))
 
 
-def test_export_cli_line_says_per_crop(next_model):
+def test_export_help_and_cli_line_say_per_crop(next_model):
+    from typer.testing import CliRunner
+
     from fsr.export import ExportSettings
+    from fsr.export.cli import app
+
+    for family, says in [("llava-next", True), ("llava", False)]:
+        result = CliRunner().invoke(app, [family, "--help"], env={"COLUMNS": "300"})
+        assert result.exit_code == 0
+        assert ("per crop for visionzip" in " ".join(result.output.split())) == says
 
     spec, method = get_spec("llava-next"), get_method("visionzip")
     settings = ExportSettings("visionzip", budget=32).method_settings
@@ -254,8 +264,6 @@ def test_compare_runs_on_it(next_vz64, tmp_path):
 
 
 def test_bench_has_a_visionzip_row(next_vz64, next_none, tmp_path):
-    import json
-
     from fsr.bench.cli import main
 
     args = [str(next_vz64), str(next_none), "--batch", "1", "--warmup", "0", "--repeat", "1", "--new-tokens", "2",
