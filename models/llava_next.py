@@ -31,6 +31,14 @@ grid tokens in the stitched grid's raster order, each grid row followed by its n
 crop's own 24x24 raster) for the crop scope, one array of indices into the image's
 concatenated (base, grid) token list for the image scope.
 
+A method that prunes each crop as the tower gives it (``multi_crop = PER_CROP``: VisionZip,
+the method spec's section 5) runs in the vision graph instead, on every crop row (tower, op,
+projector, as for LLaVA-1.5; no prune graphs, no newline output), with a budget **per crop**:
+an image of n crops reaches the LLM with n times the per-crop tokens. The host lays each image
+out through the method's ``arrange_crops`` (`CropPruning`), giving it the base crop, the
+tiles and where each tile's patches sit on the stitched grid (`LlavaNextSpec.tile_positions`);
+``kept_indices[b]`` is then one array per crop, the op's rows of that crop.
+
 Presets (random weights from a seed, real LLaVA-NeXT geometry): ``tiny`` (tests, CI),
 ``small`` (CPU benchmarks), ``llava-v1.6-7b`` (the real dimensions: CLIP ViT-L/14-336 +
 Vicuna-7B, for GPUs).
@@ -275,7 +283,8 @@ class LlavaNextSpec(LlavaSpec):
     def image_features(self, outputs: dict[str, np.ndarray], batch: VisionBatch, prune=None) -> ImageFeatures:
         """Per image: base crop, the unpadded stitched grid with a newline per row (Hugging Face's
         layout); with ``prune`` (a `fsr.models.spec.HostPruning`), the method's op on the
-        unpadded tokens per crop or per image first (the module docstring)."""
+        unpadded tokens per crop or per image first; with a `CropPruning`, crops the vision graph
+        already pruned, laid out by the method (the module docstring)."""
         if isinstance(prune, CropPruning):
             return self._crop_pruned_features(outputs, batch, prune)
         tokens, newline = outputs["tokens"], outputs["image_newline"]
