@@ -4,12 +4,13 @@ Counts are of the dense matrix products the exported graphs execute (a multiply-
 2 FLOPs); norms, softmax, rotary embeddings and other element-wise work are left out
 (a few percent at most). Conventions, so that measured and ideal figures line up:
 
-- prefill runs every prompt position through every layer; attention scores and the
-  weighted sum are full ``S x (P + S)`` products (the causal mask is applied to a dense
-  matrix, as the exported decoder does), with grouped-query attention: ``num_heads``
-  query heads, ``num_kv_heads`` key/value heads;
-- the exported decoder computes logits for every position (``logits [B, S, V]``), so
-  ``lm_head`` is counted for all of them;
+- prefill runs every prompt position through every layer; attention is causal: query ``i``
+  of ``S`` new positions scores and weights ``P + i + 1`` keys (``S·P + S(S+1)/2`` pairs,
+  the work causal attention needs; ONNX Runtime's fused attention skips the masked part,
+  the portable graph computes the dense ``S x (P + S)`` matrix), with grouped-query
+  attention: ``num_heads`` query heads, ``num_kv_heads`` key/value heads;
+- the decoder returns the last position's logits (``logits [B, 1, V]``), so ``lm_head`` is
+  counted for one position per row;
 - bytes of prefill = decoder weights read once (layers, final norm, ``lm_head``) +
   the KV cache written; activations are assumed to stay in cache;
 - a decode step reads every weight and the whole KV cache once (that is what bounds it).
@@ -40,20 +41,22 @@ def vision_weights(v: VisionDims) -> int:
             + h * v.projector_out + v.projector_out * v.projector_out)
 
 
-def prefill_flops(d: LLMDims, batch: int, seq: int, past: int = 0, *, layers: int | None = None,
+def prefill_flops(d: LLMDims, batch: int, seq: int, past: int = 0, logits: int = 1, *, layers: int | None = None,
                   lm_head: bool = True) -> dict[str, int]:
     """FLOPs of one prefill (or decode, ``seq=1``) step over ``seq`` new positions after ``past``
-    (``layers`` of the LLM's layers, default all; ``lm_head``: with the LM head)."""
+    (``layers`` of the LLM's layers, default all), with the LM head over the last ``logits``
+    positions (none without ``lm_head``)."""
     q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
     tokens = batch * seq
+    pairs = seq * past + seq * (seq + 1) // 2  # causal: query i sees past + i + 1 keys
     per_layer = {
         "attention_projections": 2 * tokens * (d.hidden_size * q + 2 * d.hidden_size * kv + q * d.hidden_size),
-        # scores Q K^T and the weighted sum P V, query heads x (past + seq) keys each
-        "attention_scores": 2 * 2 * batch * d.num_heads * seq * (past + seq) * d.head_dim,
+        # scores Q K^T and the weighted sum P V, every query head over its causal keys
+        "attention_scores": 2 * 2 * batch * d.num_heads * pairs * d.head_dim,
         "mlp": 2 * tokens * 3 * d.hidden_size * d.intermediate_size,
     }
     out = {k: v * (d.num_layers if layers is None else layers) for k, v in per_layer.items()}
-    out["lm_head"] = 2 * tokens * d.hidden_size * d.vocab_size if lm_head else 0
+    out["lm_head"] = 2 * batch * min(logits, seq) * d.hidden_size * d.vocab_size if lm_head else 0
     out["total"] = sum(out.values())
     return out
 

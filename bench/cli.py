@@ -128,6 +128,9 @@ def bench(
                                                             "(ort), precision=fp16, plugin=true, cuda_graphs=true "
                                                             "(trt)."),
     seed: int = typer.Option(0, help="Seed of a preset's random weights."),
+    transformers: bool = typer.Option(True, "--transformers/--no-transformers",
+                                      help="Also time plain transformers generate (unpruned, sdpa) on the same weights, "
+                                           "interleaved with the budgets, and print every row against it."),
     peak_matmul: Optional[int] = typer.Option(None, "--peak-matmul", help="Matrix size of the peak FLOP/s "
                                                                           "measurement."),
     peak_copy_mib: Optional[int] = typer.Option(None, "--peak-copy-mib", help="MiB copied to measure peak "
@@ -202,6 +205,10 @@ def bench(
             return measure_peak(peak_device, peak_dtype, matmul_n=peak_matmul, copy_mib=peak_copy_mib)
 
         peak = remeasure()
+        reference = None
+        if transformers:
+            progress("loading the same weights in transformers (generate, sdpa)")
+            reference = targets.transformers_reference(specs, device if backend == "torch" else None)
     err.log(f"peak: {peak.peak_flops / 1e9:.1f} GFLOP/s, {peak.peak_bandwidth / 1e9:.1f} GB/s ({peak.name})")
 
     per_config = settings.warmup + settings.repeat + 1  # + the memory run
@@ -232,7 +239,7 @@ def bench(
 
         doc = harness.run_benchmark(specs, info, peak, settings, backend=backend, device=memory_device,
                                     interleave=not sequential, on_target=on_target, on_config=on_config,
-                                    remeasure_peak=remeasure)
+                                    remeasure_peak=remeasure, reference=reference)
     doc["command"] = "fsr-bench " + " ".join(shlex.quote(a) for a in argv)
     doc["preset"] = preset
     doc["export_s"] = export_s

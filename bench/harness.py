@@ -8,6 +8,10 @@ same inputs. Warm-up runs are discarded; the repeated runs give median and sprea
 
 Time to first token starts from preprocessed inputs (pixel values, token ids): image
 decoding and resizing are the same for every budget and are left out.
+
+Beside the targets, plain transformers ``generate`` (unpruned, SDPA) on the same weights
+(`fsr.bench.transformers_ref`) is run in the same interleaved rounds, so every row can be set
+against what a user would otherwise run. The machine's load average is recorded with every run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ DEFAULT_PROMPT = "Describe the image in detail."
 TTFT_PARTS = ("instruction", "vision", "embed", "prefill")
 #: Every timing a result row carries (summaries in ms).
 TIMINGS = ("ttft", *TTFT_PARTS, "vision_tower", "fsr_op", "decode_per_token")
+#: Timings of the transformers ``generate`` rows.
+REFERENCE_TIMINGS = ("ttft", "decode_per_token")
 
 
 @dataclasses.dataclass
@@ -107,6 +113,7 @@ def run_once(target: Target, request: Request, new_tokens: int, parts: bool = Tr
     sync()
     t["decode_per_token"] = (clock() - mark) / (new_tokens - 1) if new_tokens > 1 else float("nan")
     t["seq_len"] = inputs.attention_mask.shape[1]
+    t["loadavg"] = _load1()
 
     # The vision graph's parts on their own, on the same inputs.
     t["vision_tower"] = t["fsr_op"] = float("nan")
@@ -156,6 +163,7 @@ def summarize_runs(target: Target, batch: int, runs: list[dict], settings: Bench
         if segment.get("prune_before"):
             part["pruning_ms"] = summarize([r[f"graph:{segment['prune_before']}"] * 1e3 for r in runs])
         segments.append(part)
+    load = [r["loadavg"] for r in runs if r.get("loadavg") is not None]
     return {
         "method": target.method,
         "budget": target.budget,
@@ -168,6 +176,7 @@ def summarize_runs(target: Target, batch: int, runs: list[dict], settings: Bench
         "export": str(target.export_dir) if target.export_dir else None,
         "timings_ms": timings,
         "segments": segments,
+        "loadavg": summarize(load),
         "notes": list(target.notes),
     }
 
@@ -300,7 +309,8 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
                   backend: str, device: str, interleave: bool = True,
                   on_target: Callable[[TargetSpec, str], None] = lambda s, phase: None,
                   on_config: Callable[[TargetSpec, int], Callable[[], None]] = lambda s, b: (lambda: None),
-                  remeasure_peak: Callable[[], DevicePeak] | None = None, extra: dict | None = None) -> dict:
+                  remeasure_peak: Callable[[], DevicePeak] | None = None, extra: dict | None = None,
+                  reference=None) -> dict:
     """Measure every spec (baseline first) at every batch size; the JSON document of the run.
 
     Memory is measured first, one target loaded at a time. Timings are then taken with
@@ -308,7 +318,9 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
     so that a change in the machine's load during the benchmark hits every budget alike;
     ``interleave=False`` times one target after the other instead, with only it loaded
     (for models too large to hold several exports at once). ``remeasure_peak`` measures the
-    device's peaks again at the end; the roofline uses the higher of the two.
+    device's peaks again at the end; the roofline uses the higher of the two. ``reference``
+    (a `fsr.bench.transformers_ref.TransformersGenerate`) is run once per round after the
+    targets (interleaved with them), and every row gets its ratios against it.
     """
     settings.validate()
     if not specs or not specs[0].is_baseline:
@@ -329,6 +341,20 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
 
     peaks: dict[tuple[int, int], dict] = {}
     rows: dict[tuple[int, int], dict] = {}
+    reference_runs: dict[int, list[dict]] = {b: [] for b in settings.batches}
+    reference_inputs: dict[int, dict] = {}
+
+    def run_reference(batch: int, measured: bool) -> None:
+        if reference is None:
+            return
+        if batch not in reference_inputs:
+            size = info.vision.image_size
+            reference_inputs[batch] = reference.prepare(synthetic_images(batch, size), settings.prompt)
+        result = reference.run(reference_inputs[batch], settings.new_tokens)
+        result["loadavg"] = _load1()
+        if measured:
+            reference_runs[batch].append(result)
+
     if interleave:
         for spec in specs:  # memory: one target loaded at a time
             target = open_target(spec, "memory", with_parts=False)
@@ -352,6 +378,7 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
                         if i >= settings.warmup:
                             runs[k].append(result)
                         ticks[id(spec), batch]()
+                    run_reference(batch, i >= settings.warmup)
                 for k, (spec, target) in enumerate(zip(specs, targets)):
                     rows[id(spec), batch] = summarize_runs(target, batch, runs[k], settings)
         finally:
@@ -369,6 +396,9 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
                     rows[id(spec), batch] = row
             finally:
                 target.close()
+        for batch in settings.batches:
+            for i in range(settings.warmup + settings.repeat):
+                run_reference(batch, i >= settings.warmup)
 
     if remeasure_peak is not None:  # again after the runs: the best of both is the device's peak
         peak = peak.best_with(remeasure_peak())
@@ -379,6 +409,8 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
             row["peak_memory"] = peaks[id(spec), batch]
             results.append(analyze(row, info, peak))
     add_speedups(results)
+    transformers = [reference_row(reference, b, reference_runs[b]) for b in settings.batches if reference_runs[b]]
+    add_vs_transformers(results, transformers)
     return {
         "schema": SCHEMA,
         "started": started.isoformat(timespec="seconds"),
@@ -389,12 +421,45 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
         "model": info.to_json(),
         "exports": [records[id(s)] for s in specs],
         "results": results,
+        "transformers": transformers,
         **(extra or {}),
     }
+
+
+def reference_row(reference, batch: int, runs: list[dict]) -> dict:
+    """A transformers ``generate`` row: TTFT and decode (ms), its prompt length, the load."""
+    return {
+        "label": reference.label,
+        "source": reference.source,
+        "batch": batch,
+        "seq_len": runs[0]["seq_len"],
+        "timings_ms": {name: summarize([r[name] * 1e3 for r in runs if not np.isnan(r[name])])
+                       for name in REFERENCE_TIMINGS},
+        "loadavg": summarize([r["loadavg"] for r in runs if r.get("loadavg") is not None]),
+    }
+
+
+def add_vs_transformers(rows: list[dict], transformers: list[dict]) -> None:
+    """``vs_transformers``: how many times faster than transformers ``generate`` at the same batch (> 1: faster)."""
+    by_batch = {r["batch"]: r for r in transformers}
+    for row in rows:
+        ref = by_batch.get(row["batch"])
+        if ref is None:
+            row["vs_transformers"] = None
+            continue
+        row["vs_transformers"] = {name: ratio(ref["timings_ms"][name]["median"], row["timings_ms"][name]["median"])
+                                  for name in REFERENCE_TIMINGS}
 
 
 def _loadavg():
     try:
         return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _load1() -> float | None:
+    try:
+        return os.getloadavg()[0]
     except OSError:
         return None

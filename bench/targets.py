@@ -146,6 +146,7 @@ class TargetSpec:
     export_dir: Path | None
     open: Callable[..., Target]  # open(with_parts=True)
     export: dict | None = None  # how the export was obtained (path, reused, seconds)
+    model: object | None = None  # the LoadedModel of a target built in memory (torch backend)
 
     @property
     def is_baseline(self) -> bool:
@@ -180,7 +181,7 @@ def open_export(export_dir: Path, backend: str, workdir: Path, *, device: str | 
         pass
     elif is_unpruned(manifest) or method.prunes_in == "llm":
         tower = pipe.runners["vision"]  # a method that prunes inside the LLM: its graphs are timed per segment
-    elif pipe.spec.host_pruning:  # the vision graph is the tower; the op runs in prune graphs, inside "vision"
+    elif pipe.spec.prunes_on_host(method):  # the vision graph is the tower; the op runs in prune graphs, inside "vision"
         tower = pipe.runners["vision"]
         notes.append("pruning op: its prune graphs run per crop inside the vision step (not timed apart)")
     elif backend == "torch":
@@ -480,8 +481,22 @@ def targets_from_preset(preset: str, budgets: list[int], backend: str, workdir: 
         records.append(record)
         specs.append(TargetSpec(settings.method, settings.budget, manifest.image.kept_image_tokens, n_image, None,
                                 _opener(open_model, loaded, manifest, device=device, method_form=method_form),
-                                record))
+                                record, model=loaded))
     return specs, info, records
+
+
+def transformers_reference(specs: list[TargetSpec], device: str | None = None):
+    """Plain transformers ``generate`` on the baseline's weights: the model in memory, or the unpruned
+    export's ``source/`` checkpoint (`fsr.bench.transformers_ref`)."""
+    from fsr.bench.transformers_ref import TransformersGenerate  # noqa: PLC0415
+
+    base = specs[0]
+    device = device or "cpu"
+    if base.model is not None:
+        return TransformersGenerate(base.model, base.model.family, device)
+    if base.export_dir is None:
+        raise BenchError("the baseline has neither an export folder nor a model in memory")
+    return TransformersGenerate.from_export(base.export_dir, device)
 
 
 def _parameters(family: str, preset: str, dtype: str) -> int:

@@ -207,8 +207,9 @@ def compare_export(export_dir, options: CompareOptions | None = None,
 
     fidelity = fidelity_skipped = None
     if options.fidelity and pipe.spec.host_pruning:
-        fidelity_skipped = (f"the {manifest.family} family prunes crops on the host (prune graphs); the fidelity "
-                            "sweep runs one vision row per image and does not cover it yet")
+        fidelity_skipped = (f"the {manifest.family} family lays out several crops per image on the host (and "
+                            "prunes crops on the host, or per crop in the vision graph); the fidelity sweep runs "
+                            "one vision row per image and does not cover it yet")
     elif options.fidelity:
         progress("pruning fidelity (PyTorch)")
         fidelity = pruning_fidelity(pipe, manifest, samples, options.budgets,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from fsr.engines.plugin_graph import load_plugin_library
@@ -45,11 +46,17 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
 
 
 def graph_float_type(path: Path) -> str | None:
-    """``fp32``/``fp16``/``bf16``: the type of the graph's first float input, else of its first
-    float initializer (the embedding graph takes token ids); None if it has neither."""
+    """``fp32``/``fp16``/``bf16``: the type most of the graph's float weights (initializer elements)
+    carry, else the type of its first float input; None if it has neither. (The weights decide: an
+    fp16 vision graph of the Transformers.js layout takes float32 pixels and casts them inside.)"""
     model = onnx.load(path, load_external_data=False)
+    weights: dict[int, int] = {}
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES:
+            weights[t.data_type] = weights.get(t.data_type, 0) + int(np.prod(t.dims, dtype=np.int64))
+    if weights:
+        return FLOAT_TYPES[max(weights, key=weights.get)]
     types = [v.type.tensor_type.elem_type for v in model.graph.input]
-    types += [t.data_type for t in model.graph.initializer]
     return next((FLOAT_TYPES[t] for t in types if t in FLOAT_TYPES), None)
 
 

@@ -34,6 +34,8 @@ from fsr.errors import FsrError
 from fsr.manifest import Manifest, TensorInfo
 
 KNOWN_DIMS = ("batch", "sequence", "past_sequence", "total_sequence", "num_tokens")
+#: other names of a known dim: the Transformers.js layout names the batch ``batch_size`` (fsr.export.transformers_js)
+DIM_ALIASES = {"batch_size": "batch"}
 TYPICAL_TEXT_TOKENS = 64
 MIN_ROW_TOKENS = 32  # the least tokens per row a prune graph's engine takes
 
@@ -123,7 +125,7 @@ def graph_profiles(manifest: Manifest, graph: str, max_batch: int, max_seq: int)
     prefill["num_tokens"] = decode["num_tokens"] = tokens
     has_cache = any(d == "past_sequence" for i in entry.inputs for d in i.shape)
     ranges = [("prefill", prefill), ("decode", decode)] if has_cache else [("default", prefill)]
-    used = [d for d in KNOWN_DIMS if any(d in i.shape for i in entry.inputs)]
+    used = [d for d in KNOWN_DIMS if any(d in [DIM_ALIASES.get(x, x) for x in i.shape] for i in entry.inputs)]
     return [Profile(name, {i.name: _input_range(graph, i, r) for i in entry.inputs},
                     {d: list(r[d]) for d in used})
             for name, r in ranges]
@@ -132,6 +134,7 @@ def graph_profiles(manifest: Manifest, graph: str, max_batch: int, max_seq: int)
 def _input_range(graph: str, spec: TensorInfo, ranges: dict) -> tuple[list[int], list[int], list[int]]:
     lo, opt, hi = [], [], []
     for dim in spec.shape:
+        dim = DIM_ALIASES.get(dim, dim) if isinstance(dim, str) else dim
         if isinstance(dim, int) and dim > 0:
             a = b = c = dim
         elif dim in ranges:

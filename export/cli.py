@@ -25,8 +25,8 @@ from fsr.cli import command, err, exit_program, make_app, print_note, run_app
 from fsr.files import check_output_folder
 from fsr.models import FAMILIES, check_checkpoint, get_spec, load_model, resolve_model_path
 from fsr.models.registry import FamilyEntry, ModelError, resolve_clip_path
-from fsr.pruning.methods import MethodError, get_method, method_names, methods
-from fsr.settings import DTYPES, SettingField
+from fsr.pruning.methods import PER_CROP, MethodError, get_method, method_names, methods
+from fsr.settings import DTYPES, FORMATS, SettingField
 
 app = make_app("Export vision-language models to ONNX with visual-token pruning inside the graphs.", subcommands=True)
 
@@ -55,9 +55,20 @@ def method_options() -> dict[str, tuple[SettingField, list[str]]]:
     return out
 
 
-def _option_parameter(field: SettingField, users: list[str]) -> inspect.Parameter:
+def _budget_note(entry: FamilyEntry, users: list[str]) -> str:
+    """What ``--budget`` counts in a multi-crop family: per crop for a ``per_crop`` method, per image otherwise."""
+    per_crop = [n for n in users if get_method(n).multi_crop == PER_CROP]
+    if not entry.multi_crop or not per_crop:
+        return ""
+    others = [n for n in users if n not in per_crop]
+    return (f" {entry.name}: per crop for {', '.join(per_crop)} (every crop of an image: n crops get n x budget "
+            "tokens)" + (f", per image for {', '.join(others)}" if others else "") + ".")
+
+
+def _option_parameter(field: SettingField, users: list[str], entry: FamilyEntry) -> inspect.Parameter:
     choices = f" ({' | '.join(map(str, field.info.choices))})" if field.info.choices else ""
-    text = f"{field.info.help}{choices} (method {', '.join(users)}; default {field.default})"
+    note = _budget_note(entry, users) if field.name == "budget" else ""
+    text = f"{field.info.help}{choices}{note} (method {', '.join(users)}; default {field.default})"
     base = field.base_type
     annotation = Optional[base] if base in (int, float, str, bool) else Optional[str]
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
@@ -79,6 +90,9 @@ def _common_parameters(entry: FamilyEntry) -> list[inspect.Parameter]:
         inspect.Parameter("output", kw, annotation=Optional[Path], default=typer.Option(
             None, "--output", "-o", help=f"Export folder (default exports/{entry.name}-<model>-<method>).")),
         inspect.Parameter("dtype", kw, annotation=str, default=typer.Option("fp32", help=" | ".join(DTYPES) + ".")),
+        inspect.Parameter("format", kw, annotation=str, default=typer.Option(
+            "native", "--format", help=f"{' | '.join(FORMATS)}: our layout, or one Transformers.js runs as it is "
+                                       "(onnx/*.onnx + its config files; our commands read both).")),
         inspect.Parameter("seed", kw, annotation=int, default=typer.Option(0, help="Seed of a preset's random weights.")),
         inspect.Parameter("force", kw, annotation=bool, default=typer.Option(
             False, "--force", help="Replace an existing output folder.")),
@@ -91,7 +105,7 @@ def _make_family_command(entry: FamilyEntry):
     def export(**values: Any) -> None:
         export_family(entry, values, list(options))
 
-    params = _common_parameters(entry) + [_option_parameter(f, users) for f, users in options.values()]
+    params = _common_parameters(entry) + [_option_parameter(f, users, entry) for f, users in options.values()]
     export.__signature__ = inspect.Signature(params, return_annotation=None)
     export.__annotations__ = {p.name: p.annotation for p in params}
     export.__doc__ = f"Export {entry.summary.split(':')[0]}: vision (+ pruning op), token embedding, decoder " \
@@ -123,6 +137,12 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
     dtype = values["dtype"]
     if dtype not in DTYPES:
         raise MethodError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if values["format"] not in FORMATS:
+        raise MethodError(f"unknown --format {values['format']!r}; choose one of {', '.join(FORMATS)}")
+    if values["format"] == "transformers.js" and method.relevance_mode(settings) is not None:
+        raise MethodError(f"--format transformers.js: method {method.name!r} reads instruction relevance, but "
+                          "Transformers.js gives the vision encoder pixel_values only; pass --relevance none (the "
+                          "relevance term omitted: phi = s_hat^beta) or use --format native")
     model = values["model"]
     name = model or entry.default_preset
     if model is not None and model not in entry.presets:
@@ -143,12 +163,17 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
     start = time.perf_counter()
     try:
         with err.status("loading the model") as status:
-            loaded = load_model(model, family=entry.name, clip=values["clip"], seed=values["seed"])
+            from fsr.models.spec import TORCH_DTYPES  # noqa: PLC0415 (torch: after the arguments are checked)
+
+            # loaded (or built) in the export dtype: the exporter then copies nothing
+            loaded = load_model(model, family=entry.name, clip=values["clip"], seed=values["seed"],
+                                dtype=TORCH_DTYPES[dtype])
             n_image = get_spec(entry.name).num_image_tokens(loaded.config)
             identity = method.identity_note(settings, n_image)
             if identity:
                 print_note(identity)
-            export_settings = fsr.export.ExportSettings(method.name, dtype=dtype, settings=settings)
+            export_settings = fsr.export.ExportSettings(method.name, dtype=dtype, settings=settings,
+                                                        format=values["format"])
 
             def progress(step: str) -> None:
                 err.log(step)
@@ -159,7 +184,8 @@ def export_family(entry: FamilyEntry, values: dict[str, Any], option_names: list
         err.print(f"[red]{exc or 'interrupted: nothing was written'}[/]")
         raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     err.print(f"[green]exported[/] {output} in {time.perf_counter() - start:.1f} s "
-              f"({method.describe(settings, n_image)}, {dtype})")
+              f"({get_spec(entry.name).describe_method(loaded.config, method, settings)}, {dtype}, "
+              f"{values['format']} layout)")
 
 
 for _entry in FAMILIES.values():

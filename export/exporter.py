@@ -18,6 +18,10 @@ reads and puts its op into the vision graph. The export folder::
     decoder.onnx         prefill and decode (or decoder_0.onnx, ... per segment)
     text_encoder.onnx    CLIP text tower (only when relevance comes from CLIP)
 
+``ExportSettings(format="transformers.js")`` writes the graphs as ``onnx/vision_encoder.onnx``,
+``onnx/embed_tokens.onnx``, ``onnx/decoder_model_merged.onnx`` with the files Transformers.js
+reads beside them (`fsr.export.transformers_js`); the manifest points at them.
+
 Everything is written into a temporary folder beside the target and moved into place
 at the end, so a failure or an interrupt never leaves a half-written export behind.
 """
@@ -36,19 +40,20 @@ import onnx_graphsurgeon as gs
 import torch
 
 from fsr.errors import FsrError
+from fsr.export import transformers_js
 from fsr.export.share import SHARED_INDEX, referenced_files, share_weights
-from fsr.export.trace import trace_to_onnx
+from fsr.export.trace import save_forms, trace, trace_to_onnx
 from fsr.files import OutputFolder
 from fsr.graph_passes import finalize
 from fsr.manifest import (
-    SOURCE_DIR, DecoderSegment, FileRecord, GraphEntry, ImageInfo, Manifest, MethodInfo, ModelInfo, SourceInfo,
-    TensorInfo, file_record, hash_folder, package_versions, write_manifest,
+    SOURCE_DIR, DecoderSegment, FileRecord, GraphEntry, GraphForm, ImageInfo, Manifest, MethodInfo, ModelInfo,
+    SourceInfo, TensorInfo, file_record, hash_folder, package_versions, write_manifest,
 )
 from fsr.models import get_spec
 from fsr.models.spec import CLIP_RELEVANCE, TORCH_DTYPES, GraphSpec, LoadedModel
 from fsr.onnx_io import save_onnx
 from fsr.pruning.methods import get_method, method_names
-from fsr.settings import DTYPES, Settings
+from fsr.settings import DTYPES, FORMATS, Settings
 
 #: the vision graph's tensor between a method placed before the projector and the projector
 PRUNED_FEATURES = "pruned_features"
@@ -67,9 +72,10 @@ class ExportSettings:
     """
 
     def __init__(self, method: str = "fsr", *, dtype: str = "fp32", decoder_splits: tuple[int, ...] = (),
-                 settings: Settings | None = None, **options: Any):
+                 settings: Settings | None = None, format: str = "native", **options: Any):
         self.method = method
         self.dtype = dtype
+        self.format = format
         self.decoder_splits = tuple(decoder_splits)
         pruning = get_method(method)
         self.method_settings = settings if settings is not None else pruning.settings(**options)
@@ -90,13 +96,15 @@ class ExportSettings:
         self.method_settings.validate()
         if self.dtype not in DTYPES:
             raise ExportConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.format not in FORMATS:
+            raise ExportConfigError(f"unknown export format {self.format!r}; choose one of {', '.join(FORMATS)}")
         splits = list(self.decoder_splits)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in splits) or splits != sorted(set(splits)):
             raise ExportConfigError(f"decoder_splits must be increasing layer indices >= 1 (got {splits})")
 
     def __repr__(self) -> str:
         return (f"ExportSettings(method={self.method!r}, settings={self.method_settings!r}, dtype={self.dtype!r}, "
-                f"decoder_splits={self.decoder_splits!r})")
+                f"decoder_splits={self.decoder_splits!r}, format={self.format!r})")
 
 
 def _noop(step: str) -> None:
@@ -146,17 +154,20 @@ def describe(loaded: LoadedModel, settings: ExportSettings) -> Manifest:
         family=spec.name,
         model=ModelInfo(loaded.source, loaded.path, loaded.preset, config.model_type, loaded.random_weights),
         method=MethodInfo(method.name, settings.method_settings.to_json(),
-                          method.manifest_details(settings.method_settings)),
+                          {**method.manifest_details(settings.method_settings),
+                           **spec.method_details(config, method, settings.method_settings)}),
         dtype=settings.dtype,
         llm=llm,
         vision=vision,
-        image=ImageInfo(spec.image_token_id(config), n_image,
-                        method.kept_tokens(settings.method_settings, n_image, llm.num_layers)),
+        image=ImageInfo(spec.image_token_id(config), n_image, spec.kept_image_tokens(config, method,
+                                                                                      settings.method_settings,
+                                                                                      llm.num_layers)),
         relevance=relevance,
         decoder_segments=segments,
         graphs={name: GraphEntry([], [], []) for name in names},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         packages=package_versions(),
+        layout=transformers_js.LAYOUTS[settings.format],
     )
     prune = spec.prune_graph_names(config, manifest)  # the method's op on host-gathered rows (multi-crop families)
     manifest.graphs = {name: GraphEntry([], [], []) for name in names[:2] + prune + names[2:]}
@@ -184,37 +195,71 @@ def export_model(loaded: LoadedModel, output: Path, settings: ExportSettings, *,
 
 
 def _in_dtype(loaded: LoadedModel, dtype) -> LoadedModel:
-    """``loaded`` in ``dtype``, leaving the caller's model as it was."""
+    """``loaded`` in ``dtype``, leaving the caller's model as it was.
+
+    A model already in ``dtype`` (``fsr-export`` loads checkpoints and builds presets in the
+    export dtype) is used as it is: no copy. Otherwise each floating-point parameter and buffer
+    is converted straight into a new tensor of ``dtype`` (the module structure is copied around
+    them), so the only extra memory is the converted weights, never a second full-precision copy.
+    """
     if next(loaded.model.parameters()).dtype == dtype:
         return loaded
-    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(dtype),
-                               clip=copy.deepcopy(loaded.clip).to(dtype) if loaded.clip is not None else None)
+    return dataclasses.replace(loaded, model=converted_copy(loaded.model, dtype),
+                               clip=converted_copy(loaded.clip, dtype) if loaded.clip is not None else None)
+
+
+def converted_copy(module: torch.nn.Module, dtype) -> torch.nn.Module:
+    """A copy of ``module`` whose floating-point tensors are ``dtype``, made without copying them in their
+    own dtype first (``copy.deepcopy`` with the converted tensors in its memo)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        if id(p) not in memo:
+            data = p.detach().to(dtype) if p.is_floating_point() else p.detach().clone()
+            memo[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = b.to(dtype) if b.is_floating_point() else b.clone()
+    return copy.deepcopy(module, memo)
 
 
 def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, progress) -> None:
     spec = get_spec(loaded.family)
     loaded = _in_dtype(loaded, TORCH_DTYPES[settings.dtype])
     manifest = describe(loaded, settings)
+    tjs = settings.format == transformers_js.TRANSFORMERS_JS
+    if tjs:  # refused before anything is traced
+        transformers_js.check_exportable(manifest, f"method {settings.method!r}", spec.supports_transformers_js)
 
     progress("saving the source model (HF checkpoint + processor)")
     spec.save_source(loaded, root / SOURCE_DIR, spec.clip_subfolder)
 
     paths: dict[str, Path] = {}
+    forms: dict[str, dict[str, Path]] = {}
     for graph in spec.graphs(loaded, manifest):
         progress(_step(graph))
-        paths[graph.name] = trace_graph(graph, root)
+        paths[graph.name], forms[graph.name] = trace_graph(graph, root)
+
+    if tjs:
+        progress("writing the Transformers.js layout (onnx/, config.json, processor and tokenizer files)")
+        processor = spec.transformers_js_processor(loaded, manifest.image.kept_image_tokens)
+        paths, forms = transformers_js.write_layout(root, manifest, paths, processor, forms)
 
     progress("sharing the weights several graphs hold (one copy on disk)")
     parameters = ((name, p.detach().cpu().numpy()) for name, p in loaded.model.named_parameters())
     shared = share_weights(root, paths, parameters)
 
     progress("checking every graph (onnx.checker, full)")
-    for path in paths.values():
-        onnx.checker.check_model(str(path), full_check=True)
+    for name, path in paths.items():
+        for p in [path, *forms[name].values()]:
+            onnx.checker.check_model(str(p), full_check=True)
 
     progress("writing manifest.json")
-    manifest.graphs = {name: graph_entry(path, root, shared_index=shared is not None and name in shared["graphs"])
+    manifest.graphs = {name: graph_entry(path, root, forms[name],
+                                         shared_index=shared is not None and name in shared["graphs"])
                        for name, path in paths.items()}
+    if tjs:
+        for name, entry in manifest.graphs.items():
+            entry.aliases = transformers_js.aliases(name)
     manifest.source = SourceInfo(SOURCE_DIR, hash_folder(root, SOURCE_DIR))
     write_manifest(root, manifest)
 
@@ -231,13 +276,23 @@ def _step(graph: GraphSpec) -> str:
     return f"tracing the {what} graph"
 
 
-def trace_graph(graph: GraphSpec, root: Path) -> Path:
-    """Trace one graph into ``root/<name>.onnx``; the vision graph then gets the method's op (and, for a
-    method that runs before the projector, the projector after it)."""
+def trace_graph(graph: GraphSpec, root: Path) -> tuple[Path, dict[str, Path]]:
+    """Trace one graph into ``root/<name>.onnx`` (its forms into ``root/<name>.<form>.onnx``, sharing
+    its weight file); the vision graph then gets the method's op (and, for a method that runs before
+    the projector, the projector after it). Returns the graph's path and its forms' paths."""
     path = root / f"{graph.name}.onnx"
-    trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
-                  output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes,
-                  custom_translation_table=graph.translation_table() if graph.translation_table else None)
+    kwargs = graph.example_kwargs() if graph.example_kwargs else None
+    if not graph.forms:
+        trace_to_onnx(graph.module, graph.example_inputs(), path, input_names=graph.input_names,
+                      output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes, kwargs=kwargs,
+                      optional=graph.optional_inputs, translations=graph.translations() if graph.translations else None)
+    else:
+        model = _trace(graph, kwargs)
+        traced = {}
+        for key, form in graph.forms.items():
+            traced[key] = (root / f"{graph.name}.{key}.onnx", _trace(form, kwargs))
+        save_forms(path, model, traced, external=True)
+        del model, traced
     if graph.finish is not None:
         save_onnx(graph.finish(onnx.load(path)), path)
     if graph.attach is not None:
@@ -245,7 +300,13 @@ def trace_graph(graph: GraphSpec, root: Path) -> Path:
         if graph.projector is not None:
             model = append_projector(model, graph.projector, root)
         save_onnx(model, path)
-    return path
+    return path, {key: root / f"{graph.name}.{key}.onnx" for key in graph.forms}
+
+
+def _trace(graph: GraphSpec, kwargs: dict | None):
+    return trace(graph.module, graph.example_inputs(), name=graph.name, input_names=graph.input_names,
+                 output_names=graph.output_names, dynamic_shapes=graph.dynamic_shapes, kwargs=kwargs,
+                 optional=graph.optional_inputs, translations=graph.translations() if graph.translations else None)
 
 
 def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.ModelProto:
@@ -281,13 +342,25 @@ def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.Mode
     return finalize(merged_graph)
 
 
-def graph_entry(path: Path, root: Path, shared_index: bool = False) -> GraphEntry:
-    """Inputs, outputs, files and hashes of one written graph: the graph, its external data files
-    (its own, the shared weights) and, when it holds shared weights, their index."""
+#: what can run each graph form (``GraphForm.runtime``)
+FORM_RUNTIMES = {"ort": "onnxruntime"}
+
+
+def graph_entry(path: Path, root: Path, forms: dict[str, Path] | None = None, shared_index: bool = False
+                ) -> GraphEntry:
+    """Inputs, outputs, files and hashes of one written graph: the graph, the external data files it
+    refers to (its own, the shared weights), when it holds shared weights their index; and its forms
+    (sharing its weight file). Inputs with an initializer (a default value) are ``optional_inputs``."""
     model = onnx.load(path, load_external_data=False)
     extra = [path.parent / f for f in referenced_files(path)] + ([root / SHARED_INDEX] if shared_index else [])
     files: list[FileRecord] = [file_record(root, p) for p in [path, *extra] if p.is_file()]
-    return GraphEntry(files, [_tensor(v) for v in model.graph.input], [_tensor(v) for v in model.graph.output])
+    defaults = {t.name for t in model.graph.initializer}
+    inputs = [_tensor(v) for v in model.graph.input if v.name not in defaults]
+    optional = [_tensor(v) for v in model.graph.input if v.name in defaults]
+    entry_forms = {}
+    for key, form_path in (forms or {}).items():
+        entry_forms[key] = GraphForm([file_record(root, form_path), *files[1:]], FORM_RUNTIMES.get(key, ""))
+    return GraphEntry(files, inputs, [_tensor(v) for v in model.graph.output], optional, entry_forms)
 
 
 def _tensor(v: onnx.ValueInfoProto) -> TensorInfo:

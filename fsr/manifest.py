@@ -45,7 +45,7 @@ from fsr.files import atomic_write, locked
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 SOURCE_DIR = "source"
-LAYOUT = "fsr"  # the file layout of an export's graphs (a second one may follow)
+LAYOUT = "fsr"  # the file layout of an export's graphs: "fsr" (native) or "transformers.js" (fsr.export.transformers_js)
 PACKAGES = ("fsr-export", "torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "onnxscript")
 #: Files of ``source/`` a runtime that does not run the PyTorch weights never reads.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -76,17 +76,49 @@ class TensorInfo:
 
 
 @dataclasses.dataclass
-class GraphEntry:
-    """One exported graph. ``files[0]`` is the model file a runtime loads; the others are
-    its external data. Every one of them is hashed."""
+class GraphForm:
+    """Another form of a graph, with the same inputs, outputs and weights (e.g. ``ort``: the decoder
+    with ONNX Runtime's fused attention). ``files[0]`` is its model file; it shares the graph's
+    external-data file, listed after it."""
 
     files: list[FileRecord]
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    runtime: str = ""  # what can run it ("onnxruntime": it uses ONNX Runtime contrib ops)
 
     @property
     def file(self) -> str:
         return self.files[0].path
+
+
+@dataclasses.dataclass
+class GraphEntry:
+    """One exported graph. ``files[0]`` is the model file a runtime loads; the others are
+    its external data. Every one of them is hashed. ``optional_inputs`` have a default value
+    in the graph (fed only to change it); ``forms`` are other forms of the graph."""
+
+    files: list[FileRecord]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    optional_inputs: list[TensorInfo] = dataclasses.field(default_factory=list)
+    forms: dict[str, GraphForm] = dataclasses.field(default_factory=dict)
+    #: tensors the file names otherwise than our tools do: file name -> our name (a layout whose
+    #: client reads a tensor by another name: Transformers.js's ``image_features`` is ``image_tokens``)
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return self.files[0].path
+
+    def all_files(self) -> list[FileRecord]:
+        """The graph's files and its forms', each path once."""
+        seen: dict[str, FileRecord] = {f.path: f for f in self.files}
+        for form in self.forms.values():
+            for f in form.files:
+                seen.setdefault(f.path, f)
+        return list(seen.values())
+
+    def our_names(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """A run's outputs (by the file's names) by the names our tools use."""
+        return {self.aliases.get(k, k): v for k, v in outputs.items()} if self.aliases else outputs
 
     @property
     def input_names(self) -> list[str]:
@@ -294,6 +326,9 @@ class Manifest:
         for name, entry in self.graphs.items():
             if not entry.files:
                 raise ManifestError(f"{where}: graph {name!r} lists no files; export again")
+            for key, form in entry.forms.items():
+                if not form.files:
+                    raise ManifestError(f"{where}: form {key!r} of graph {name!r} lists no files; export again")
         for s in self.decoder_segments:
             if s.graph not in self.graphs:
                 raise ManifestError(f"{where}: decoder segment {s.graph!r} is not among the graphs; export again")
@@ -308,7 +343,7 @@ class Manifest:
     def paths(self) -> Iterable[str]:
         """Every path the manifest names (all relative to the export folder)."""
         for entry in self.graphs.values():
-            yield from (f.path for f in entry.files)
+            yield from (f.path for f in entry.all_files())
         yield self.source.folder
         yield from (f.path for f in self.source.files)
         if self.relevance.clip_model:
@@ -335,9 +370,12 @@ class Manifest:
         runtime that does not run the PyTorch weights), ``"none"``.
         """
         root = Path(root)
+        checked: set[str] = set()
         for name in self.graphs if graphs is None else graphs:
-            for record in self.graph(name).files:
-                _check_file(self.resolve(root, record.path), record.sha256, f"graph {name!r}", "export again")
+            for record in self.graph(name).all_files():
+                if record.path not in checked:  # a file forms share is read once
+                    _check_file(self.resolve(root, record.path), record.sha256, f"graph {name!r}", "export again")
+                    checked.add(record.path)
         if source not in ("all", "processor", "none"):
             raise ValueError(f"source must be all, processor or none (got {source!r})")
         if source != "none":

@@ -31,6 +31,8 @@ from fsr.errors import FsrError
 
 #: The precisions an export is made in (graphs and ``source/``).
 DTYPES = ("fp32", "fp16")
+#: export layouts (``fsr-export --format``): ours, or one Transformers.js runs as it is (fsr.export.transformers_js)
+FORMATS = ("native", "transformers.js")
 
 
 class SettingsError(FsrError, ValueError):

@@ -217,6 +217,19 @@ class LlavaSpec(ModelSpec):
                           tokens_per_crop=(v.image_size // v.patch_size) ** 2, has_cls=True,
                           projector_out=config.text_config.hidden_size)
 
+    # -- other clients' layouts -------------------------------------------------------------
+
+    supports_transformers_js = True
+
+    def transformers_js_processor(self, loaded: LoadedModel, kept_tokens: int) -> dict:
+        """Transformers.js's LlavaProcessor expands ``<image>`` to floor(H/patch_size)*floor(W/patch_size) +
+        num_additional_image_tokens tokens (it ignores ``image_seq_length`` and the select strategy): one
+        "patch" the size of the image plus K - 1 gives the K image tokens of this export's vision graph."""
+        size = loaded.config.vision_config.image_size
+        return {"processor_class": "LlavaProcessor", "image_token": self.image_token(loaded.processor),
+                "patch_size": size, "num_additional_image_tokens": kept_tokens - 1,
+                "vision_feature_select_strategy": loaded.config.vision_feature_select_strategy}
+
     # -- modules ----------------------------------------------------------------------------
 
     def vision_tower(self, loaded: LoadedModel, outputs: tuple[str, ...], relevance: str | None) -> VisionTower:

@@ -31,6 +31,14 @@ grid tokens in the stitched grid's raster order, each grid row followed by its n
 crop's own 24x24 raster) for the crop scope, one array of indices into the image's
 concatenated (base, grid) token list for the image scope.
 
+A method that prunes each crop as the tower gives it (``multi_crop = PER_CROP``: VisionZip,
+the method spec's section 5) runs in the vision graph instead, on every crop row (tower, op,
+projector, as for LLaVA-1.5; no prune graphs, no newline output), with a budget **per crop**:
+an image of n crops reaches the LLM with n times the per-crop tokens. The host lays each image
+out through the method's ``arrange_crops`` (`CropPruning`), giving it the base crop, the
+tiles and where each tile's patches sit on the stitched grid (`LlavaNextSpec.tile_positions`);
+``kept_indices[b]`` is then one array per crop, the op's rows of that crop.
+
 Presets (random weights from a seed, real LLaVA-NeXT geometry): ``tiny`` (tests, CI),
 ``small`` (CPU benchmarks), ``llava-v1.6-7b`` (the real dimensions: CLIP ViT-L/14-336 +
 Vicuna-7B, for GPUs).
@@ -53,7 +61,7 @@ from transformers.image_processing_utils import select_best_resolution
 from fsr.models.llava import CLIP_MAX_TOKENS, CLIP_SUBFOLDER, LlavaSpec, Preset, preset_configs
 from fsr.models.parts import VisionTower
 from fsr.models.registry import ModelError, register_family
-from fsr.models.spec import CLIP_RELEVANCE, ImageFeatures, LoadedModel, VisionBatch
+from fsr.models.spec import CLIP_RELEVANCE, CropPruning, ImageFeatures, LoadedModel, VisionBatch
 from fsr.models.tokenizer import IMAGE, build_byte_tokenizer
 
 #: LLaVA-v1.6's anyres resolutions (height, width): up to 672x672, and 1:3 / 3:1
@@ -203,6 +211,38 @@ class LlavaNextSpec(LlavaSpec):
             return [budget]
         return sorted({b for gh, gw in self.grid_shapes(config) for b in split_budget(budget, 1 + gh * gw)})
 
+    # -- a per-crop method (VisionZip): the op in the vision graph, every crop ---------------------
+
+    def crop_counts(self, config) -> list[int]:
+        """The numbers of crops an image can have (base + tiles)."""
+        return sorted({1 + gh * gw for gh, gw in self.grid_shapes(config)})
+
+    def kept_image_tokens(self, config, method, settings, num_layers: int | None = None) -> int:
+        if not self.prunes_per_crop(method):
+            return super().kept_image_tokens(config, method, settings, num_layers)
+        per_crop = method.kept_tokens(settings, self.vision_dims(config).tokens_per_crop)
+        return max(self.crop_counts(config)) * per_crop
+
+    def describe_method(self, config, method, settings) -> str:
+        if not self.prunes_per_crop(method):
+            return super().describe_method(config, method, settings)
+        per_crop = method.kept_tokens(settings, self.vision_dims(config).tokens_per_crop)
+        counts = self.crop_counts(config)
+        return (f"{method.describe(settings, self.vision_dims(config).tokens_per_crop)} per crop: "
+                f"{counts[0] * per_crop}-{counts[-1] * per_crop} tokens per image ({counts[0]}-{counts[-1]} crops)")
+
+    def method_details(self, config, method, settings) -> dict:
+        """A per-crop method: the budget is each crop's; an image of n crops reaches the LLM with n times
+        the per-crop tokens, laid out as the method says (``crop_layout``); ``kept_indices`` per crop."""
+        if not self.prunes_per_crop(method):
+            return {}
+        per_crop = method.kept_tokens(settings, self.vision_dims(config).tokens_per_crop)
+        return {"budget_applies_to": "crop", "runs": "in the vision graph, on every crop (base + tiles)",
+                "kept_tokens_per_image": {str(n): n * per_crop for n in self.crop_counts(config)},
+                "crop_layout": method.crop_layout_meaning,
+                "kept_indices": "per image, one array per crop (the base crop first, then the tiles in row-major "
+                                f"order), each: {method.kept_indices_meaning}"}
+
     # -- host side --------------------------------------------------------------------------
 
     def benchmark_image_size(self, processor) -> int | None:
@@ -243,7 +283,10 @@ class LlavaNextSpec(LlavaSpec):
     def image_features(self, outputs: dict[str, np.ndarray], batch: VisionBatch, prune=None) -> ImageFeatures:
         """Per image: base crop, the unpadded stitched grid with a newline per row (Hugging Face's
         layout); with ``prune`` (a `fsr.models.spec.HostPruning`), the method's op on the
-        unpadded tokens per crop or per image first (the module docstring)."""
+        unpadded tokens per crop or per image first; with a `CropPruning`, crops the vision graph
+        already pruned, laid out by the method (the module docstring)."""
+        if isinstance(prune, CropPruning):
+            return self._crop_pruned_features(outputs, batch, prune)
         tokens, newline = outputs["tokens"], outputs["image_newline"]
         side = int(round(math.sqrt(tokens.shape[1])))
         starts = np.cumsum([0, *batch.rows_per_image])
@@ -318,3 +361,27 @@ class LlavaNextSpec(LlavaSpec):
                 kept_all.append(kept_crops)
             images.append(self._stitch(base_tokens, grid_tokens, grid_rows, height, newline[first]))
         return ImageFeatures([[im] for im in images], kept_all)
+
+    def _crop_pruned_features(self, outputs, batch: VisionBatch, prune: CropPruning) -> ImageFeatures:
+        """Crops the method's op pruned in the vision graph (``image_tokens`` / ``kept_indices`` per crop
+        row): each image laid out by the method (`CropPruning.arrange`) from its base crop, its tiles
+        and where each tile's patches sit on the stitched grid; ``kept_indices[b]`` = one array per crop."""
+        tokens, kept = outputs["image_tokens"], outputs["kept_indices"].astype(np.int64)
+        side = int(round(math.sqrt(prune.tokens_per_crop)))
+        starts = np.cumsum([0, *batch.rows_per_image])
+        images, kept_all = [], []
+        for b, meta in enumerate(batch.meta):
+            first, n = int(starts[b]), batch.rows_per_image[b]
+            positions = [self.tile_positions(meta["grid"], t, side) for t in range(n - 1)]
+            tiles = [(tokens[first + c], kept[first + c]) for c in range(1, n)]
+            images.append(prune.arrange((tokens[first], kept[first]), tiles, positions))
+            kept_all.append([kept[first + c] for c in range(n)])
+        return ImageFeatures([[im] for im in images], kept_all)
+
+    @staticmethod
+    def tile_positions(grid: tuple[int, int], tile: int, side: int) -> np.ndarray:
+        """Row-major indices on the stitched ``(side * rows) x (side * cols)`` grid of tile ``tile``'s
+        patches (tiles in row-major order, each ``side x side`` patches in raster order)."""
+        _, cols = grid
+        ys, xs = np.divmod(np.arange(side * side), side)
+        return (tile // cols * side + ys) * (cols * side) + tile % cols * side + xs

@@ -126,16 +126,20 @@ class VisionWithMethod(nn.Module):
 
     ``op`` takes the tower's outputs positionally and returns ``(pruned, kept_indices)``
     (or the tokens alone); with ``projector`` (a method placed before the projector) the
-    pruned features go through it.
+    pruned features go through it. ``num_inputs``: how many of the tower's outputs the op takes
+    (the first ones; None: all), the rest being a family's own (NeXT's ``image_newline``).
     """
 
-    def __init__(self, tower: VisionTower, op: nn.Module, projector: nn.Module | None = None):
+    def __init__(self, tower: VisionTower, op: nn.Module, projector: nn.Module | None = None,
+                 num_inputs: int | None = None):
         super().__init__()
         self.tower, self.op, self.projector = tower, op, projector
+        self.num_inputs = num_inputs
 
     def forward(self, *inputs: torch.Tensor):
         outs = self.tower(*inputs)
-        result = self.op(*(outs if isinstance(outs, tuple) else (outs,)))
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        result = self.op(*outs[:self.num_inputs])  # a family's own outputs after them (NeXT's newline): not the op's
         if self.projector is not None:
             if isinstance(result, tuple):
                 return (self.projector(result[0]), *result[1:])
@@ -181,18 +185,36 @@ def present_names(layers: range) -> list[str]:
     return [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
 
 
+#: the decoder step's optional input: indices of the positions whose logits are returned (default: the last)
+LOGITS_INDEX = "logits_index"
+#: attention forms of the decoder step (see `fsr.models.attention`)
+PORTABLE, FUSED = "portable", "fused"
+
+
 class DecoderStep(nn.Module):
     """Layers ``[start, stop)`` of a Hugging Face decoder LM for one prefill or decode step.
 
     Inputs: ``inputs_embeds`` [B,S,H] (hidden states when ``start > 0``), ``attention_mask``
     [B,P+S], ``position_ids`` [B,S], then a key and a value [B,kvh,P,hd] per layer.
-    Outputs: ``logits`` [B,S,V] (hidden states when ``stop`` < number of layers), then
+    Outputs: ``logits`` [B,K,V] (hidden states [B,S,H] when ``stop`` < number of layers), then
     the present key and value per layer. Each layer's KV length is its own dynamic
     axis, so a method that drops image tokens after a layer can give later segments
     shorter caches (with their own mask).
+
+    Logits are computed for the last position only (K = 1: what greedy decoding reads; the
+    LM head over every prompt position would cost as much as a layer) unless ``logits_index``
+    [K] names the positions (negative counts from the end; ``arange(S)``: all of them). In
+    the exported graph ``logits_index`` is an input with a default value ([-1]): ONNX Runtime
+    lists it as an overridable initializer, so callers that do not know it (Transformers.js)
+    never feed it, and TensorRT folds it as a constant.
+
+    ``attention``: ``"portable"`` (the model's own attention, plain ONNX ops once traced) or
+    ``"fused"`` (one ONNX Runtime GroupQueryAttention per layer, KV heads unexpanded, KV
+    buffers updatable in place; `fsr.models.attention`). Same inputs, outputs and weights.
     """
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, start: int = 0, stop: int | None = None):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, start: int = 0, stop: int | None = None,
+                 attention: str = PORTABLE):
         super().__init__()
         lm = language_model
         self.config = lm.config
@@ -200,6 +222,9 @@ class DecoderStep(nn.Module):
         self.start, self.stop = start, n if stop is None else stop
         if not 0 <= self.start < self.stop <= n:
             raise ValueError(f"decoder layer range [{start}, {stop}) is outside the LLM's {n} layers")
+        if attention not in (PORTABLE, FUSED):
+            raise ValueError(f"unknown decoder attention form {attention!r}; choose {PORTABLE} or {FUSED}")
+        self.attention = attention
         self.layers = nn.ModuleList(lm.layers[self.start:self.stop])
         self.rotary_emb = lm.rotary_emb
         self.is_last = self.stop == n
@@ -213,10 +238,23 @@ class DecoderStep(nn.Module):
         return [first, "attention_mask", "position_ids", *past_names(range(self.start, self.stop))]
 
     @property
+    def optional_input_names(self) -> list[str]:
+        """Inputs with a default (fed only to change it): ``logits_index`` on the last segment."""
+        return [LOGITS_INDEX] if self.is_last else []
+
+    @property
     def output_names(self) -> list[str]:
         return ["logits" if self.is_last else "hidden_states_out", *present_names(range(self.start, self.stop))]
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past, logits_index=None):
+        layers = self._fused if self.attention == FUSED else self._portable
+        h, presents = layers(inputs_embeds, attention_mask, position_ids, past)
+        if not self.is_last:
+            return (h, *presents)
+        h = h[:, -1:] if logits_index is None else h[:, logits_index]
+        return (self.lm_head(self.norm(h)), *presents)
+
+    def _portable(self, inputs_embeds, attention_mask, position_ids, past):
         n = len(self.layers)
         cache = DynamicCache(config=self.config)
         for i in range(n):  # cache slots are the LLM's global layer indices
@@ -228,12 +266,28 @@ class DecoderStep(nn.Module):
         for layer in self.layers:
             h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                       use_cache=True, cache_position=cache_position, position_embeddings=cos_sin)
-        out = self.lm_head(self.norm(h)) if self.is_last else h
         presents = []
         for i in range(n):
             layer_cache = cache.layers[self.start + i]
             presents += [layer_cache.keys, layer_cache.values]
-        return (out, *presents)
+        return h, presents
+
+    def _fused(self, inputs_embeds, attention_mask, position_ids, past):
+        from fsr.models.attention import FUSED_ATTENTION, FusedCache, attention_implementation, padding_bias
+
+        n = len(self.layers)
+        cache = FusedCache({self.start + i: (past[2 * i], past[2 * i + 1]) for i in range(n)})
+        h = inputs_embeds
+        bias = padding_bias(attention_mask, h.shape[1], h.dtype)  # causality is the op's own
+        cos_sin = self.rotary_emb(h, position_ids)
+        with attention_implementation(self.config, FUSED_ATTENTION):
+            for layer in self.layers:
+                h = layer(h, attention_mask=bias, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                          position_embeddings=cos_sin, fsr_cache=cache)
+        presents = []
+        for i in range(n):
+            presents += list(cache.present[self.start + i])
+        return h, presents
 
 
 def causal_additive_mask(attention_mask: torch.Tensor, q_len: int, past_len, dtype) -> torch.Tensor:

@@ -39,6 +39,7 @@ class FamilyEntry:
     summary: str
     presets: tuple[str, ...]  # random-weight presets (the module defines them; a test checks both agree)
     default_preset: str = "tiny"
+    multi_crop: bool = False  # several crops per image (a method's ``multi_crop`` then says where its op runs)
 
 
 CATALOG: tuple[FamilyEntry, ...] = (
@@ -48,7 +49,7 @@ CATALOG: tuple[FamilyEntry, ...] = (
     FamilyEntry("llava-next", "fsr.models.llava_next", ("llava_next",),
                 "LLaVA-NeXT: anyres crops (base + up to 2x2 / 1x3 / 3x1 tiles of 336 px), CLIP ViT tower with [CLS], "
                 "unpadding and image newlines, Llama LLM (LlavaNextForConditionalGeneration)",
-                ("tiny", "small", "llava-v1.6-7b")),
+                ("tiny", "small", "llava-v1.6-7b"), multi_crop=True),
 )
 FAMILIES: dict[str, FamilyEntry] = {e.name: e for e in CATALOG}
 

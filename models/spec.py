@@ -42,15 +42,18 @@ from transformers.utils import logging as hf_logging
 from fsr.errors import InputError
 from fsr.manifest import SOURCE_DIR, LLMDims, Manifest, RelevanceInfo, VisionDims
 from fsr.models.parts import (
-    ClipTextEncoder, DecoderStep, OpInputs, TokenEmbedding, VisionTower, VisionWithMethod,
+    FUSED, LOGITS_INDEX, PORTABLE, ClipTextEncoder, DecoderStep, OpInputs, TokenEmbedding, VisionTower,
+    VisionWithMethod,
 )
 from fsr.models.registry import ModelError, check_checkpoint, read_config, resolve_model_path
-from fsr.pruning.methods import BEFORE_PROJECTOR, LlmStage, get_method
+from fsr.pruning.methods import BEFORE_PROJECTOR, PER_CROP, LlmStage, get_method
 from fsr.pruning.modules import ReferenceModule
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 EXPORT, TORCH, REFERENCE = "export", "torch", "reference"
+#: the decoder's other exported form: fused attention for ONNX Runtime (`fsr.models.attention`)
+ORT_FORM = "ort"
 CLIP_RELEVANCE, LLM_RELEVANCE = "clip", "llm-embedding-mean"
 
 
@@ -92,9 +95,16 @@ class GraphSpec:
     #: method runs before the projector
     attach: Callable[[Any], Any] | None = None
     projector: nn.Module | None = None
-    #: a ``torch.onnx`` custom translation table (factory) and a pass over the exported ModelProto
-    #: (a pruning graph's custom op and its ONNX function)
-    translation_table: Callable[[], dict] | None = None
+    #: inputs with a default value, traced as keyword arguments (``example_kwargs``) and written
+    #: as graph inputs that have an initializer (ONNX Runtime: overridable; TensorRT: a constant)
+    optional_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    example_kwargs: Callable[[], dict] | None = None
+    #: ``torch.onnx.export`` custom translations the module's custom ops need
+    translations: Callable[[], dict] | None = None
+    #: other forms of this graph (same inputs, outputs and weights), written beside it and sharing
+    #: its weight file: ``{"ort": <fused attention for ONNX Runtime>}`` for the decoder
+    forms: dict[str, "GraphSpec"] = dataclasses.field(default_factory=dict)
+    #: a pass over the exported ModelProto (a pruning graph's custom op and its ONNX function)
     finish: Callable[[Any], Any] | None = None
 
 
@@ -145,6 +155,18 @@ class HostPruning:
     scope: str
 
 
+@dataclasses.dataclass
+class CropPruning:
+    """A method's op ran in the vision graph on every crop row (a multi-crop family, a ``PER_CROP``
+    method): the vision graph's ``image_tokens`` / ``kept_indices`` are per crop, and ``arrange(base,
+    tiles, positions)`` (the method's `fsr.pruning.methods.PruningMethod.arrange_crops` with the
+    export's settings) lays one image's crops out: ``base`` and each of ``tiles`` = ``(tokens [K, H],
+    kept [K])``, ``positions[t]`` = tile ``t``'s patches' row-major indices on the stitched grid."""
+
+    arrange: Callable[[tuple, list, list], np.ndarray]
+    tokens_per_crop: int  # patches per crop (the vision dims'): a tile's side is its square root
+
+
 def prune_graph_name(budget: int) -> str:
     """The export's graph that runs the method's op with this per-row budget (host pruning)."""
     return f"prune_b{budget}"
@@ -175,6 +197,7 @@ class ModelSpec:
     clip_max_tokens: ClassVar[int | None] = None  # the CLIP text context (chunk length of instructions)
     #: True: the vision graph returns the tower's outputs per crop and the method's op runs in
     #: ``prune_b<budget>`` graphs on rows the host gathers (`image_features` with a `HostPruning`)
+    #: (a ``PER_CROP`` method, `op_in_vision_graph`, runs in the vision graph per crop instead)
     host_pruning: ClassVar[bool] = False
     scopes: ClassVar[tuple[str, ...]] = ("crop", "image")  # pruning scopes (the same for one-crop families)
 
@@ -258,6 +281,16 @@ class ModelSpec:
             return loaded.clip.config.projection_dim
         return self.llm_dims(loaded.config).hidden_size
 
+    # -- other clients' layouts -------------------------------------------------------------
+
+    #: whether Transformers.js (4.3.2) runs this family from `transformers_js_processor`'s files
+    supports_transformers_js: ClassVar[bool] = False
+
+    def transformers_js_processor(self, loaded: LoadedModel, kept_tokens: int) -> dict:
+        """``processor_config.json`` for Transformers.js: its processor class and the keys that make it
+        expand the image token to ``kept_tokens`` tokens (`fsr.export.transformers_js`)."""
+        raise ModelError(f"the {self.name} family has no Transformers.js layout")
+
     # -- modules ----------------------------------------------------------------------------
 
     def vision_tower(self, loaded: LoadedModel, outputs: tuple[str, ...], relevance: str | None) -> VisionTower:
@@ -278,10 +311,10 @@ class ModelSpec:
     def embedding(self, loaded: LoadedModel) -> nn.Module:
         return TokenEmbedding(loaded.model.get_input_embeddings())
 
-    def decoder_step(self, loaded: LoadedModel, start: int, stop: int) -> DecoderStep:
+    def decoder_step(self, loaded: LoadedModel, start: int, stop: int, attention: str = PORTABLE) -> DecoderStep:
         lm, head = self.language_model(loaded)
         try:
-            return DecoderStep(lm, head, start, stop)
+            return DecoderStep(lm, head, start, stop, attention=attention)
         except ValueError as exc:
             raise ModelError(str(exc)) from exc
 
@@ -295,10 +328,13 @@ class ModelSpec:
         if manifest.relevance.source == CLIP_RELEVANCE:
             out.append(self.text_encoder_graph(loaded, manifest))
         dtype = TORCH_DTYPES[manifest.dtype]
+        # the fused ONNX Runtime form shares the portable decoder's weight file; an export whose pruning
+        # graphs share the segments' weights (`fsr.export.share`) keeps the portable decoder only
+        fused = not manifest.pruning_graphs
         for index, s in enumerate(manifest.decoder_segments):
             if s.prune_before:
                 out.append(self.pruning_graph(loaded, manifest, index, form))
-            out.append(self.decoder_graph(loaded, s.graph, *s.layers, dtype))
+            out.append(self.decoder_graph(loaded, s.graph, *s.layers, dtype, with_forms=fused))
         return out
 
     def graph(self, loaded: LoadedModel, manifest: Manifest, name: str, form: str = EXPORT) -> GraphSpec:
@@ -333,7 +369,7 @@ class ModelSpec:
         spec = GraphSpec("vision", "vision", tower, names, tower.output_names,
                          example_inputs=lambda: self.vision_example_inputs(loaded, names, relevance, dtype),
                          dynamic_shapes=tuple({0: batch} for _ in names))
-        if self.host_pruning:  # the op runs in the prune graphs
+        if not self.op_in_vision_graph(method):  # the tower per crop; the op (if any) runs in the prune graphs
             if method.prunes and before:
                 raise ModelError(f"the {self.name} family prunes crops on the host after the projector; method "
                                  f"{method.name!r} runs before the projector and cannot be exported for it")
@@ -348,11 +384,51 @@ class ModelSpec:
             op = ReferenceModule(method.reference(settings), inputs)
         else:
             raise ValueError(f"unknown graph form {form!r}")
-        spec.module = VisionWithMethod(tower, op, projector)
+        spec.module = VisionWithMethod(tower, op, projector, num_inputs=len(inputs))
         spec.output_names = list(method.outputs(settings))
         return spec
 
     # -- pruning on host-gathered rows (families with ``host_pruning``) -------------------------
+
+    def op_in_vision_graph(self, method) -> bool:
+        """Whether ``method``'s op sits in the vision graph: always for a one-crop family; for a family
+        with ``host_pruning``, only a pruning ``PER_CROP`` method (every crop row as the tower gives it;
+        `image_features` then lays the crops out with the method's ``arrange_crops``). Otherwise the
+        vision graph returns the tower's outputs per crop and the host lays them out (and runs a
+        pruning method's op in ``prune_b<K>`` graphs: `prunes_on_host`)."""
+        return not self.host_pruning or (method.prunes and method.multi_crop == PER_CROP)
+
+    def prunes_on_host(self, method) -> bool:
+        """Whether ``method``'s op runs on host-gathered rows (``prune_b<K>`` graphs)."""
+        return method.prunes and not self.op_in_vision_graph(method)
+
+    def prunes_per_crop(self, method) -> bool:
+        """Whether a multi-crop family runs ``method``'s op on every crop row in the vision graph."""
+        return self.host_pruning and method.prunes and self.op_in_vision_graph(method)
+
+    def crop_pruning(self, manifest: Manifest) -> CropPruning | None:
+        """How `image_features` lays out crops the export's method already pruned in the vision graph
+        (`prunes_per_crop`), else None."""
+        method = get_method(manifest.method.name)
+        if not self.prunes_per_crop(method):
+            return None
+        settings = method.settings_from_json(manifest.method.settings)
+        return CropPruning(lambda base, tiles, positions: method.arrange_crops(settings, base, tiles, positions),
+                           manifest.vision.tokens_per_crop)
+
+    def kept_image_tokens(self, config, method, settings, num_layers: int | None = None) -> int:
+        """Image tokens the LLM sees per image with the method (the most, for variable layouts; a method
+        that prunes inside the LLM: the mean over its ``num_layers`` layers)."""
+        return method.kept_tokens(settings, self.num_image_tokens(config), num_layers)
+
+    def describe_method(self, config, method, settings) -> str:
+        """The method and its settings in one line, for this family (``fsr-export``'s last line)."""
+        return method.describe(settings, self.num_image_tokens(config))
+
+    def method_details(self, config, method, settings) -> dict:
+        """What the manifest's ``method.details`` records about the method in this family, beside the
+        method's own `manifest_details` (a multi-crop family: where the budget applies)."""
+        return {}
 
     def pruning_budgets(self, config, budget: int, scope: str) -> list[int]:
         """Every per-row budget a total of ``budget`` per image needs in ``scope``."""
@@ -362,7 +438,7 @@ class ModelSpec:
         """The export's ``prune_b<budget>`` graphs (none unless the family prunes in the vision graph's
         place on the host)."""
         method = get_method(manifest.method.name)
-        if not self.host_pruning or not method.prunes or method.prunes_in != "vision":
+        if not self.prunes_on_host(method):
             return []
         settings = method.settings_from_json(manifest.method.settings)
         return [prune_graph_name(b) for b in self.pruning_budgets(config, method.budget(settings),
@@ -415,7 +491,7 @@ class ModelSpec:
         part = method.pruning_graph(settings, stage, language_model=lm, lm_head=head, form=form)
         return GraphSpec(segment.prune_before, "pruning", part.module, list(part.input_names),
                          list(part.output_names), example_inputs=part.example_inputs,
-                         dynamic_shapes=part.dynamic_shapes, translation_table=part.translation_table,
+                         dynamic_shapes=part.dynamic_shapes, translations=part.translation_table,
                          finish=part.finish)
 
     def embed_graph(self, loaded: LoadedModel) -> GraphSpec:
@@ -435,8 +511,11 @@ class ModelSpec:
                          ["input_ids", "attention_mask"], ["text_embeds"], example_inputs=example,
                          dynamic_shapes=(batch, batch))
 
-    def decoder_graph(self, loaded: LoadedModel, name: str, start: int, stop: int, dtype: torch.dtype) -> GraphSpec:
-        step = self.decoder_step(loaded, start, stop)
+    def decoder_graph(self, loaded: LoadedModel, name: str, start: int, stop: int, dtype: torch.dtype,
+                      attention: str = PORTABLE, *, with_forms: bool = True) -> GraphSpec:
+        """A decoder segment: the portable form (its ``forms`` hold the fused ONNX Runtime one, unless
+        ``with_forms`` is False)."""
+        step = self.decoder_step(loaded, start, stop, attention)
         llm = self.llm_dims(loaded.config)
         n_past = 2 * (stop - start)
 
@@ -448,10 +527,26 @@ class ModelSpec:
 
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
         past_len, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
-        dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-                   tuple({0: batch, 2: past_len} for _ in range(n_past)))
-        return GraphSpec(name, "decoder", step, step.input_names, step.output_names, example_inputs=example,
-                         dynamic_shapes=dynamic)
+        # keyed by the forward's parameter names (``inputs_embeds`` is the hidden states of a later segment)
+        dynamic = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+                   "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in range(n_past))}
+        optional, example_kwargs = {}, None
+        if step.is_last:
+            optional = {LOGITS_INDEX: np.array([-1], dtype=np.int64)}
+            dynamic[LOGITS_INDEX] = {0: torch.export.Dim("logits")}
+
+            def example_kwargs():
+                return {LOGITS_INDEX: torch.tensor([0, 2])}
+
+        spec = GraphSpec(name, "decoder", step, step.input_names, step.output_names, example_inputs=example,
+                         dynamic_shapes=dynamic, optional_inputs=optional, example_kwargs=example_kwargs)
+        if attention == FUSED:
+            from fsr.models.attention import gqa_translation_table
+
+            spec.translations = gqa_translation_table
+        elif with_forms:
+            spec.forms = {ORT_FORM: self.decoder_graph(loaded, name, start, stop, dtype, FUSED)}
+        return spec
 
     # -- host side --------------------------------------------------------------------------
 
@@ -503,9 +598,10 @@ class ModelSpec:
         return feeds
 
     def image_features(self, outputs: dict[str, np.ndarray], batch: VisionBatch,
-                       prune: HostPruning | None = None) -> ImageFeatures:
+                       prune: HostPruning | CropPruning | None = None) -> ImageFeatures:
         """The vision graph's outputs -> each row's image embeddings (one image per row here;
-        ``prune`` is for families with ``host_pruning``)."""
+        ``prune`` is for families with ``host_pruning``: the op on host-gathered rows, or the layout of
+        crops a ``PER_CROP`` method pruned in the vision graph)."""
         tokens = outputs["image_tokens"]
         kept = outputs.get("kept_indices")
         return ImageFeatures([[tokens[b]] for b in range(tokens.shape[0])],

@@ -16,7 +16,7 @@ from typing import ClassVar
 from fsr.pruning.methods import PruningMethod, register_method
 from fsr.settings import Settings, setting
 
-RELEVANCE_MODES = ("auto", "clip", "llm")
+RELEVANCE_MODES = ("auto", "clip", "llm", "none")
 SCOPES = ("crop", "image")
 
 
@@ -32,7 +32,8 @@ class FsrSettings(Settings):
                          minimum=0.0, exclusive_minimum=True, maximum=1.0)
     kappa: float = setting(1.0, help="Refine: discarded tokens merged per anchor (>= 0).", minimum=0.0)
     relevance: str = setting("auto", help="Instruction relevance: auto (CLIP when the model has a CLIP text tower, "
-                                          "else llm) | clip | llm (mean LLM input embedding of the instruction).",
+                                          "else llm) | clip | llm (mean LLM input embedding of the instruction) | none (the "
+                                          "term omitted: phi = s_hat^beta; the vision graph takes pixels only).",
                              choices=RELEVANCE_MODES)
     fsr_scope: str = setting("crop", help="Multi-crop models (LLaVA-NeXT): crop (the budget is split over an "
                                           "image's crops, one op row per crop) | image (one op row over all its "
@@ -53,8 +54,9 @@ class FocusScanRefine(PruningMethod):
     tensorrt_plugin = True
     near_tie_analysis = "focus-scan-refine"
 
-    def relevance_mode(self, settings: FsrSettings) -> str:
-        return settings.relevance
+    def relevance_mode(self, settings: FsrSettings) -> str | None:
+        """``none``: the spec's "relevance omitted" (r_hat = 1, phi = s_hat^beta); no instruction input."""
+        return None if settings.relevance == "none" else settings.relevance
 
     def scope(self, settings: FsrSettings) -> str:
         return settings.fsr_scope

@@ -28,7 +28,12 @@ method and never test its name. A method declares:
   a plugin form for ``fsr-build --plugin``), ``near_tie_analysis`` (how ``fsr-compare``
   explains a differing kept set);
 - ``prunes_in``: ``"vision"`` (the vision graph), ``"llm"`` (between decoder segments:
-  ``between_segments``) or ``"nothing"``.
+  ``between_segments``) or ``"nothing"``;
+- ``multi_crop``: where its op runs in a family with several crops per image (LLaVA-NeXT):
+  ``gathered`` (on the tokens the family gathers on the host after its own layout steps,
+  unpadding included: ``prune_b<K>`` graphs; FSR) or ``per_crop`` (in the vision graph on
+  every crop row as the tower gives it, a per-crop budget; the family then lays each
+  image's crops out with ``arrange_crops``; VisionZip).
 
 Method modules stay light (no torch or onnx at import: the CLIs read settings and options
 at start-up); the heavy parts are named by ``"module:name"`` strings and imported by
@@ -47,6 +52,8 @@ from fsr.errors import FsrError
 from fsr.settings import Settings, SettingsError, setting
 
 AFTER_PROJECTOR, BEFORE_PROJECTOR = "after_projector", "before_projector"
+#: where a multi-crop family runs a method's op (`PruningMethod.multi_crop`)
+GATHERED, PER_CROP = "gathered", "per_crop"
 #: Modules that define the built-in methods (imported on the first registry lookup).
 BUILTIN_MODULES = ("fsr.pruning.fsr_method", "fsr.pruning.visionzip_method", "fsr.pruning.baseline_methods",
                    "fsr.pruning.pio_method")
@@ -133,6 +140,11 @@ class PruningMethod:
     onnx_op: ClassVar[tuple[str, str] | None] = None  # (domain, op_type) of its node in the vision graph
     tensorrt_plugin: ClassVar[bool] = False
     near_tie_analysis: ClassVar[str | None] = None
+    #: multi-crop families: ``GATHERED`` (the op on host-gathered rows, after the family's layout steps) or
+    #: ``PER_CROP`` (the op in the vision graph on every crop row, budget per crop; `arrange_crops` lays them out)
+    multi_crop: ClassVar[str] = GATHERED
+    #: a ``PER_CROP`` method: how `arrange_crops` orders an image's crops (the manifest records it)
+    crop_layout_meaning: ClassVar[str] = ""
     #: what a row of the vision graph's ``kept_indices`` holds (the manifest records it)
     kept_indices_meaning: ClassVar[str] = "patch indices (0-based, raster order), ascending"
 
@@ -226,6 +238,14 @@ class PruningMethod:
         LLM sees as they are (or refined), ``anchors`` standing for merged groups, ``cls`` the [CLS]
         token when it is kept."""
         return {"cls": [], "patches": [int(i) for i in kept], "anchors": []}
+
+    def arrange_crops(self, settings: Settings, base: tuple, tiles: list[tuple], positions: list):
+        """One image's tokens from its crops' op outputs, for a ``PER_CROP`` method in a multi-crop
+        family: ``base`` = ``(tokens [K, H], kept_indices [K])`` of the base crop (the whole image),
+        ``tiles`` the same for each high-resolution tile in crop order, ``positions[t]`` [N] int the
+        row-major index, on the stitched grid of tiles, of each of tile ``t``'s N patches (the
+        family's geometry). Returns the image's tokens [L, H] as the LLM sees them (numpy)."""
+        raise MethodError(f"method {self.name!r} has no per-crop layout for multi-crop families")
 
     # -- the vision graph ------------------------------------------------------------------
 
@@ -415,6 +435,6 @@ class NoPruning(PruningMethod):
         return select_outputs(graph, {"tokens": "image_tokens"})
 
 
-__all__ = ["AFTER_PROJECTOR", "BEFORE_PROJECTOR", "LLM_PRUNING_INPUTS", "LLM_PRUNING_OUTPUTS", "BudgetSettings",
-           "LlmStage", "MethodError", "NoPruning", "NoSettings", "PruningGraph", "PruningMethod", "SettingsError",
-           "get_method", "image_starts", "method_names", "methods", "register_method"]
+__all__ = ["AFTER_PROJECTOR", "BEFORE_PROJECTOR", "GATHERED", "LLM_PRUNING_INPUTS", "LLM_PRUNING_OUTPUTS", "PER_CROP",
+           "BudgetSettings", "LlmStage", "MethodError", "NoPruning", "NoSettings", "PruningGraph", "PruningMethod",
+           "SettingsError", "get_method", "image_starts", "method_names", "methods", "register_method"]

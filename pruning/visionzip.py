@@ -34,6 +34,9 @@ What lives here (torch only; the ONNX forms are in ``visionzip_onnx.py`` and re-
   the ONNX function uses;
 - `visionzip_op` (``torch.ops.fsr.visionzip``): the op as a torch custom op, for models that
   trace it; it exports to one ``fsr.VisionZip`` node (see `visionzip_translation_table`);
+- `visionzip_crop_layout` (with `visionzip_crop_slots`): a LLaVA-NeXT image's tokens from its
+  crops' op outputs (the spec's section 5: base crop, the tiles' dominant patches in stitched-grid
+  order, the tiles' [CLS] tokens, their contextual tokens);
 - `clip_layer_visionzip_inputs`: the op's three inputs from a Hugging Face CLIP encoder layer,
   computing only the [CLS] query row of the attention (O(N));
 - lazily (from ``visionzip_onnx.py``; they import onnx / onnxscript): `visionzip_function`,
@@ -261,6 +264,50 @@ def visionzip_anchors(dominant_set, num_tokens: int, contextual: int) -> list[in
     rest = [j for j in range(num_tokens) if j not in taken]
     step = max(1, len(rest) // contextual)
     return [rest[p] for p in range(0, len(rest), step)][:contextual]
+
+
+def visionzip_crop_slots(num_kept: int, num_patches: int, dominant: int) -> tuple[slice, slice]:
+    """Which output rows of one op row are dominant patches and which contextual tokens (row 0 is
+    always [CLS]): ``(patch_rows, contextual_rows)``. ``num_kept`` rows came out of a layer of
+    ``1 + num_patches`` rows; ``num_kept == 1 + num_patches`` is the identity (every row a patch,
+    in input order, no contextual token)."""
+    if num_kept == num_patches + 1:
+        return slice(1, num_kept), slice(num_kept, num_kept)
+    return slice(1, dominant), slice(dominant, num_kept)
+
+
+def visionzip_crop_layout(base, tiles, positions, *, dominant: int):
+    """One LLaVA-NeXT image from its crops' VisionZip outputs, as the spec's section 5 lays it out.
+
+    ``base`` = ``(tokens [K, H], kept_indices [K])`` of the base crop (the whole image),
+    ``tiles`` the same for each high-resolution tile in crop order, ``positions[t]`` [N] the
+    row-major index on the stitched ``(side * rows) x (side * cols)`` grid of tile ``t``'s patch
+    ``p`` (patch = kept row - 1). Returns the image's tokens (numpy):
+
+    1. the base crop's rows as the op emits them ([CLS], dominant patches, contextual tokens);
+    2. the tiles' dominant patch tokens, scattered onto the stitched grid and read in row-major
+       grid order;
+    3. each tile's [CLS] token, in crop order;
+    4. each tile's contextual tokens, in crop order.
+
+    No unpadding and no newline tokens. ``(1 + tiles) * (dominant + contextual)`` rows when
+    the op pruned (every crop has the same ``K``).
+    """
+    import numpy as np
+
+    base_tokens = np.asarray(base[0])
+    patches, at, cls, contextual = [], [], [], []
+    for (tokens, kept), grid in zip(tiles, positions):
+        tokens, kept, grid = np.asarray(tokens), np.asarray(kept, dtype=np.int64), np.asarray(grid)
+        patch_rows, contextual_rows = visionzip_crop_slots(len(kept), len(grid), dominant)
+        patches.append(tokens[patch_rows])
+        at.append(grid[kept[patch_rows] - 1])
+        cls.append(tokens[:1])
+        contextual.append(tokens[contextual_rows])
+    if not tiles:
+        return base_tokens
+    order = np.argsort(np.concatenate(at), kind="stable")  # stitched grid, row-major
+    return np.concatenate([base_tokens, np.concatenate(patches)[order], *cls, *contextual], axis=0)
 
 
 def explain_visionzip_kept(cls_attention, reference_kept, other_kept, *, dominant: int, contextual: int,

@@ -16,6 +16,13 @@ Wraps the ``fsr::VisionZip`` operator (``visionzip.py``, ``visionzip_onnx.py``; 
   anchor row per contextual (merged) token, in anchor order. Not FSR's ascending patch
   indices: `kept_patches` reads them.
 
+On a multi-crop family (LLaVA-NeXT) the op runs **per crop** (``multi_crop = PER_CROP``), in
+the vision graph like the one-crop case: every crop (base + tiles) goes through the op with
+the same split, so ``--budget`` counts the tokens per *crop* (an image of n crops reaches the
+LLM with n * budget tokens: 5 crops at 64 -> 320); the family lays the crops out with
+`arrange_crops` (the spec's section 5, `visionzip_crop_layout`) and reports ``kept_indices``
+per crop, each crop's rows read as above.
+
 VisionZip always hands the [CLS] token to the LLM, so no budget reproduces the unpruned
 model (which drops [CLS]): `is_identity` is False at every budget.
 
@@ -27,17 +34,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from fsr.pruning.methods import BEFORE_PROJECTOR, PruningMethod, register_method
+from fsr.pruning.methods import BEFORE_PROJECTOR, PER_CROP, PruningMethod, register_method
 from fsr.settings import Settings, setting
 
 SPLIT = "fsr.pruning.visionzip:visionzip_split"
+CROP_LAYOUT = "fsr.pruning.visionzip:visionzip_crop_layout"
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionZipSettings(Settings):
     label: ClassVar[str] = "VisionZip"
     budget: int = setting(64, help="Visual tokens the LLM sees per image, [CLS] included: dominant + contextual "
-                                   "(64 -> 54 + 10, 128 -> 108 + 20, 192 -> 162 + 30); >= 2.", minimum=2,
+                                   "(64 -> 54 + 10, 128 -> 108 + 20, 192 -> 162 + 30); >= 2. LLaVA-NeXT: per "
+                                   "crop (every crop of an image gets the same split: 5 crops at 64 -> 320 "
+                                   "tokens).", minimum=2,
                           hint="VisionZip keeps the [CLS] token and at least one contextual token; use --method "
                                "none to export without pruning")
 
@@ -50,11 +60,15 @@ class VisionZip(PruningMethod):
     Settings = VisionZipSettings
     needs = ("hidden_states", "cls_attention", "keys")
     placement = BEFORE_PROJECTOR
+    multi_crop = PER_CROP
     exportable = True
     reference_function = "fsr.pruning.visionzip:visionzip_reference"
     torch_class = "fsr.pruning.visionzip:VisionZipFixed"
     onnx_op = ("fsr", "VisionZip")
     near_tie_analysis = "visionzip"
+    crop_layout_meaning = ("the base crop's tokens as the op emits them; then the tiles' dominant patches on the "
+                           "stitched grid, row-major; then each tile's [CLS] token; then each tile's contextual "
+                           "tokens (no unpadding, no newline tokens)")
     kept_indices_meaning = ("rows of the feature layer including [CLS] (patch = index - 1): [CLS], the dominant "
                             "patches ascending, then one anchor row per contextual (merged) token")
 
@@ -91,6 +105,12 @@ class VisionZip(PruningMethod):
         if rows == list(range(len(rows))):  # the identity: every row of the layer
             return {"cls": [0], "patches": [i - 1 for i in rows[1:]], "anchors": []}
         return {"cls": [0], "patches": [i - 1 for i in rows[1:dominant]], "anchors": [i - 1 for i in rows[dominant:]]}
+
+    def arrange_crops(self, settings: VisionZipSettings, base, tiles, positions):
+        """The spec's section 5 (`visionzip_crop_layout`): the base crop as the op emits it, the tiles'
+        dominant patches in stitched-grid order, the tiles' [CLS] tokens, then their contextual tokens."""
+        dominant, _ = self.split(settings)
+        return self.load(CROP_LAYOUT)(base, tiles, positions, dominant=dominant)
 
     def attach(self, graph, settings: VisionZipSettings, *, relevance: bool):
         splice = self.load("fsr.pruning.visionzip_onnx:splice_visionzip")

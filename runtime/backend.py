@@ -60,8 +60,10 @@ class Runner(abc.ABC):
         missing = [n for n in self.input_names if n not in feed_dict]
         if missing:
             raise BackendError(f"graph {self.name!r} needs input(s) {missing}")
+        feeds = {n: feed_dict[n] for n in self.input_names}
+        feeds.update((n, feed_dict[n]) for n in self.optional_input_names if n in feed_dict)
         start = time.perf_counter()
-        out = self.infer_impl({n: feed_dict[n] for n in self.input_names})
+        out = self.infer_impl(feeds)
         self.last_inference_time = time.perf_counter() - start
         return out
 
@@ -72,6 +74,11 @@ class Runner(abc.ABC):
     @property
     def output_names(self) -> list[str]:
         return self._outputs
+
+    @property
+    def optional_input_names(self) -> list[str]:
+        """Inputs the graph has a default for (fed only to change it, e.g. ``logits_index``)."""
+        return []
 
     @abc.abstractmethod
     def activate_impl(self) -> None: ...
@@ -106,6 +113,19 @@ class Backend(abc.ABC):
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a host backend has none."""
+
+    def empty_cache(self, graph: str, shape: tuple[int, int, int], dtype, count: int, capacity: int | None = None
+                    ) -> list:
+        """``count`` empty KV-cache tensors ``[B, kv_heads, 0, head_dim]`` for decoder graph ``graph``.
+        ``capacity``: how many positions the generation will hold at most (a backend that keeps the
+        cache in preallocated buffers sizes them from it; a hint, not a limit)."""
+        batch, heads, head_dim = shape
+        return [self.from_host(np.zeros((batch, heads, 0, head_dim), dtype)) for _ in range(count)]
+
+    def embedding_table(self, graph: str) -> Any | None:
+        """The token-embedding table of ``graph`` when the pipeline may look ids up in it directly
+        (host array) instead of running the graph; None: run the graph."""
+        return None
 
 
 #: name -> "module:Class"; a back end's module is imported when it is asked for (each needs a heavy,

@@ -1,4 +1,26 @@
-"""ONNX Runtime backend: the portable one (CPU here; CUDA where onnxruntime-gpu is installed)."""
+"""ONNX Runtime backend: the portable one (CPU here; CUDA where onnxruntime-gpu is installed).
+
+What it does beyond running graphs (issue 13, measured in bench/README.md):
+
+- **No spinning stalls between graphs.** Each graph has its own session; ONNX Runtime's
+  intra-op threads spin after a run by default and starve the next graph's threads (the
+  pipeline runs several graphs back to back). ``spin="off"`` (default) creates every session
+  with ``session.intra_op.allow_spinning=0``; ``"stop"`` keeps spinning inside a run and
+  stops it at the end (``session.force_spinning_stop``); ``"on"`` is ONNX Runtime's default.
+- **The decoder's fused form** (``forms["ort"]`` in the manifest: GroupQueryAttention, KV heads
+  unexpanded; `fsr.models.attention`) is loaded instead of the portable graph when the export
+  has it (``fused=False``: the portable graph).
+- **KV cache buffers reused across steps.** For the fused form, each past/present tensor is a
+  `KVBuffer`: one preallocated array ``[B, kv_heads, capacity, head_dim]`` bound with IO
+  binding as both the ``past_key_values.*`` input and the ``present.*`` output, which
+  GroupQueryAttention updates in place (ONNX Runtime's past/present buffer sharing, as
+  onnxruntime-genai uses it). A step copies nothing but the new positions; a full buffer is
+  grown (doubled, one copy) when a longer sequence needs it.
+- **The embedding off the per-token path.** `embedding_table` returns the token-embedding
+  table when the embed graph is a plain lookup (one ``Gather`` of an initializer), so the
+  pipeline indexes it on the host instead of running a session per decode step (the same
+  rows, bit for bit).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +34,75 @@ import onnxruntime as ort
 from fsr.manifest import Manifest
 from fsr.onnx_io import SHARED_WEIGHTS_INDEX
 from fsr.runtime.backend import Backend, BackendError, Runner
+
+#: the manifest's form of a graph this backend prefers (fused attention, KV buffers updated in place)
+ORT_FORM = "ort"
+SPIN_MODES = ("off", "stop", "on")
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+#: positions a new KV buffer holds beyond the prefill when no capacity is asked for
+DEFAULT_RESERVE = 256
+
+
+class KVBuffer:
+    """One past/present tensor kept in a preallocated buffer ``array`` [B, kv_heads, capacity, head_dim]
+    that ONNX Runtime updates in place; the first ``length`` positions are valid. ``np.asarray(buffer)``
+    and ``shape`` give the valid part (what a plain cache array would be)."""
+
+    __slots__ = ("array", "ortvalue", "length")
+
+    def __init__(self, array: np.ndarray, length: int = 0):
+        self.array = array
+        self.ortvalue = ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
+        self.length = length
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int], capacity: int, dtype) -> "KVBuffer":
+        batch, heads, head_dim = shape
+        return cls(np.zeros((batch, heads, capacity, head_dim), dtype=dtype), 0)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.array.shape[2])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        b, h, _, d = self.array.shape
+        return (b, h, self.length, d)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    def valid(self) -> np.ndarray:
+        return self.array[:, :, :self.length]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array(self.valid(), dtype=dtype, copy=True)
+
+    def grown(self, capacity: int) -> "KVBuffer":
+        """A larger buffer holding the same valid positions (one copy)."""
+        b, h, _, d = self.array.shape
+        array = np.zeros((b, h, capacity, d), dtype=self.array.dtype)
+        array[:, :, :self.length] = self.array[:, :, :self.length]
+        return KVBuffer(array, self.length)
+
+
+def session_options(threads: int | None, spin: str) -> ort.SessionOptions:
+    if spin not in SPIN_MODES:
+        raise BackendError(f"unknown spin mode {spin!r}; choose one of {', '.join(SPIN_MODES)}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if spin == "off":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    elif spin == "stop":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return opts
+
+
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 class SharedWeights:
@@ -51,17 +142,20 @@ class SharedWeights:
 
 
 class OnnxRuntimeRunner(Runner):
+    """One ONNX Runtime session. With ``kv_buffers`` (a graph whose attention updates past/present
+    buffers in place), past inputs may be `KVBuffer` s and present outputs are returned as the same
+    buffers, updated; plain arrays are accepted too (copied into a new buffer once)."""
+
     def __init__(self, name: str, path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 shared: SharedWeights | None = None):
+                 spin: str = "off", kv_buffers: bool = False, reserve: int = DEFAULT_RESERVE,
+                 shared: "SharedWeights | None" = None):
         super().__init__(name, path)
-        self.providers, self.threads, self.shared = providers, threads, shared
+        self.providers, self.threads, self.spin, self.shared = providers, threads, spin, shared
+        self.kv_buffers, self.reserve = kv_buffers, reserve
         self.session = None
 
     def activate_impl(self) -> None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
+        opts = session_options(self.threads, self.spin)
         if self.shared is not None:
             self.shared.add_to(opts, self.name)
         providers = self.providers or ort.get_available_providers()
@@ -70,23 +164,105 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:
             raise BackendError(f"ONNX Runtime cannot load graph {self.name!r} ({self.path}): {exc}") from exc
         self._inputs = [i.name for i in self.session.get_inputs()]
+        self._optional = [i.name for i in self.session.get_overridable_initializers()]
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._pairs = [(n, PRESENT_PREFIX + n[len(PAST_PREFIX):]) for n in self._inputs if n.startswith(PAST_PREFIX)]
+        missing = [p for _, p in self._pairs if p not in self._outputs]
+        if self.kv_buffers and (missing or not self._pairs):
+            raise BackendError(f"graph {self.name!r} ({self.path}) has no matching present output for every past "
+                               f"input (missing {missing}); it cannot update its KV cache in place")
+        # float inputs in the graph's own float type (an fp16 graph may take float32 pixels: Transformers.js layout)
+        self._floats = {i.name: _FLOAT_TYPES[i.type] for i in self.session.get_inputs() if i.type in _FLOAT_TYPES}
 
     def deactivate_impl(self) -> None:
         self.session = None
 
+    @property
+    def optional_input_names(self) -> list[str]:
+        return self._optional
+
     def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
-        out = self.session.run(self._outputs, {k: np.ascontiguousarray(v) for k, v in feed_dict.items()})
+        feed_dict = {k: self._own_float(k, v) for k, v in feed_dict.items()}
+        if self.kv_buffers:
+            return self._infer_in_place(feed_dict)
+        feeds = {k: np.ascontiguousarray(v.valid() if isinstance(v, KVBuffer) else v) for k, v in feed_dict.items()}
+        out = self.session.run(self._outputs, feeds)
         return dict(zip(self._outputs, out))
+
+    def _own_float(self, name: str, value):
+        """A float input in the graph's own float type (an fp16 graph may take float32 pixels: Transformers.js)."""
+        if name in self._floats and not isinstance(value, KVBuffer):
+            value = np.asarray(value)
+            if value.dtype.kind == "f" and value.dtype != self._floats[name]:
+                return value.astype(self._floats[name])
+        return value
+
+    # -- past/present buffer sharing -------------------------------------------------------
+
+    def _buffer(self, name: str, value, past: int, total: int) -> KVBuffer:
+        """The buffer ``value`` (a KVBuffer or a plain [B, H, past, D] array) with room for ``total`` positions."""
+        if isinstance(value, KVBuffer):
+            if value.length != past:
+                raise BackendError(f"graph {self.name!r}: {name} holds {value.length} positions, the attention mask "
+                                   f"says {past}; pass the cache the previous step returned")
+            if value.capacity >= total:
+                return value
+            return value.grown(max(total, 2 * value.capacity))
+        array = np.asarray(value)
+        if array.ndim != 4 or array.shape[2] != past:
+            raise BackendError(f"graph {self.name!r}: {name} has shape {list(array.shape)}; the attention mask says "
+                               f"{past} past positions")
+        buffer = KVBuffer.empty((array.shape[0], array.shape[1], array.shape[3]), total + self.reserve, array.dtype)
+        buffer.array[:, :, :past] = array
+        buffer.length = past
+        return buffer
+
+    def _infer_in_place(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
+        first = self._inputs[0]
+        seq, total = feed_dict[first].shape[1], feed_dict["attention_mask"].shape[1]
+        past = total - seq
+        pasts = {n for n, _ in self._pairs}
+        if any(n in feed_dict for n in self._optional):
+            # IO binding cannot feed an overridable initializer: run plainly with the buffers as inputs;
+            # the op then writes the presents into new arrays of the buffers' capacity
+            feeds = {n: (self._buffer(n, v, past, total).array if n in pasts else np.ascontiguousarray(v))
+                     for n, v in feed_dict.items()}
+            out = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
+            for _, present_name in self._pairs:
+                out[present_name] = KVBuffer(np.ascontiguousarray(out[present_name]), total)
+            return out
+        io = self.session.io_binding()
+        for name, value in feed_dict.items():
+            if name not in pasts:
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+        others = [n for n in self._outputs if not n.startswith(PRESENT_PREFIX)]
+        for name in others:  # bound first: get_outputs() lists outputs in binding order
+            io.bind_output(name)
+        buffers = []
+        for past_name, present_name in self._pairs:
+            buffer = self._buffer(past_name, feed_dict[past_name], past, total)
+            io.bind_ortvalue_input(past_name, buffer.ortvalue)
+            io.bind_ortvalue_output(present_name, buffer.ortvalue)
+            buffers.append((present_name, buffer))
+        self.session.run_with_iobinding(io)
+        out = dict(zip(others, (v.numpy() for v in io.get_outputs()[:len(others)])))
+        for name, buffer in buffers:
+            buffer.length = total
+            out[name] = buffer
+        return {n: out[n] for n in self._outputs}
 
 
 class OnnxRuntimeBackend(Backend):
     name = "ort"
 
     def __init__(self, export_dir: Path, manifest: Manifest, providers: list[str] | None = None,
-                 threads: int | None = None, share_weights: bool = True):
+                 threads: int | None = None, spin: str = "off", fused: bool = True, embed_lookup: bool = True,
+                 share_weights: bool = True):
         super().__init__(export_dir, manifest)
-        self.providers, self.threads = providers, threads
+        if spin not in SPIN_MODES:
+            raise BackendError(f"unknown spin mode {spin!r}; choose one of {', '.join(SPIN_MODES)}")
+        self.providers, self.threads, self.spin = providers, threads, spin
+        self.fused, self.embed_lookup = _flag(fused, "fused"), _flag(embed_lookup, "embed_lookup")
         self.share_weights = share_weights
         self._shared: SharedWeights | None = None
 
@@ -99,8 +275,60 @@ class OnnxRuntimeBackend(Backend):
             self._shared = SharedWeights(self.export_dir, self.manifest.resolve(self.export_dir, index))
         return self._shared
 
+    def form(self, graph: str) -> str | None:
+        """The form of ``graph`` this backend runs (``"ort"`` or None: the graph itself)."""
+        entry = self.manifest.graphs.get(graph)
+        return ORT_FORM if self.fused and entry is not None and ORT_FORM in entry.forms else None
+
     def runner(self, graph: str) -> OnnxRuntimeRunner:
         if graph not in self.manifest.graphs:
             raise BackendError(f"the export has no {graph!r} graph (it has {', '.join(self.manifest.graphs)})")
-        path = self.manifest.resolve(self.export_dir, self.manifest.graphs[graph].file)
-        return OnnxRuntimeRunner(graph, path, self.providers, self.threads, self.shared_weights(graph))
+        entry = self.manifest.graphs[graph]
+        form = self.form(graph)
+        rel = entry.forms[form].file if form else entry.file
+        path = self.manifest.resolve(self.export_dir, rel)
+        return OnnxRuntimeRunner(graph, path, self.providers, self.threads, self.spin, kv_buffers=form is not None,
+                                 shared=self.shared_weights(graph))
+
+    def empty_cache(self, graph: str, shape: tuple[int, int, int], dtype, count: int, capacity: int | None = None):
+        if self.form(graph) is None:
+            return super().empty_cache(graph, shape, dtype, count, capacity)
+        capacity = capacity if capacity is not None else DEFAULT_RESERVE
+        return [KVBuffer.empty(shape, max(capacity, 1), dtype) for _ in range(count)]
+
+    def embedding_table(self, graph: str) -> np.ndarray | None:
+        if not self.embed_lookup or graph not in self.manifest.graphs:
+            return None
+        return lookup_table(self.manifest.resolve(self.export_dir, self.manifest.graphs[graph].file))
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return array.valid() if isinstance(array, KVBuffer) else np.asarray(array)
+
+
+def lookup_table(path: Path) -> np.ndarray | None:
+    """The table of an embedding graph that is exactly ``output = Gather(table, input_ids)`` (axis 0), else
+    None (a graph that scales or adds anything runs as a graph)."""
+    import onnx  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    model = onnx.load(path)
+    graph = model.graph
+    nodes = [n for n in graph.node if n.op_type != "Identity"]
+    if len(nodes) != 1 or nodes[0].op_type != "Gather" or nodes[0].domain not in ("", "ai.onnx"):
+        return None
+    node = nodes[0]
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    tables = {t.name: t for t in graph.initializer}
+    if axis != 0 or node.input[0] not in tables or len(graph.input) != 1 or node.input[1] != graph.input[0].name:
+        return None
+    if len(graph.output) != 1 or graph.output[0].name != node.output[0]:
+        return None
+    return numpy_helper.to_array(tables[node.input[0]])
+
+
+def _flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise BackendError(f"backend option {name} takes true or false (got {value!r})")

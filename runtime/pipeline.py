@@ -26,6 +26,13 @@ anything runs: a prompt whose tokens (the image counted as the tokens the LLM se
 fit is refused (`InputError`); a ``max_new_tokens`` beyond what is left is shortened to fit,
 with a `fsr.errors.Note` saying so. ``generate(on_tokens=...)`` hands each step's new
 tokens to the caller as they come (``fsr-run`` prints them: an interrupt loses nothing).
+
+What the backend may do for speed, behind these steps (the KV cache stays opaque here):
+keep the cache in preallocated buffers that the decoder updates in place
+(`Backend.empty_cache` gets the generation's capacity; ONNX Runtime's fused decoder form),
+and hand out the token-embedding table so that ids are looked up on the host instead of
+running the embed graph per decode step (`Backend.embedding_table`). The prefill returns
+the last position's logits only unless ``all_logits`` is asked for.
 """
 
 from __future__ import annotations
@@ -42,11 +49,12 @@ from transformers import AutoProcessor, AutoTokenizer
 from fsr.errors import InputError, Note
 from fsr.manifest import Manifest, read_manifest
 from fsr.models import get_spec
+from fsr.models.parts import LOGITS_INDEX
 from fsr.models.spec import (
-    CLIP_RELEVANCE, NP_DTYPES, HostPruning, ImageFeatures, PrefillInputs, Request, prune_graph_name,
+    CLIP_RELEVANCE, NP_DTYPES, CropPruning, HostPruning, ImageFeatures, PrefillInputs, Request, prune_graph_name,
 )
 from fsr.pruning.methods import get_method
-from fsr.runtime.backend import Backend, get_backend
+from fsr.runtime.backend import Backend, BackendError, get_backend
 from fsr.runtime.inputs import clip_chunks, eos_token_ids, load_image
 
 
@@ -62,8 +70,17 @@ class GenerationResult:
 
     def to_json(self) -> dict:
         """One result of ``fsr-run --json``: ``{"token_ids", "text", "kept_indices", "stop"}``."""
-        return {"token_ids": self.token_ids, "text": self.text, "kept_indices": self.kept_indices,
+        return {"token_ids": self.token_ids, "text": self.text, "kept_indices": _plain(self.kept_indices),
                 "stop": self.stop}
+
+
+def _plain(value):
+    """Kept indices as JSON values: a multi-crop family's per-crop arrays become lists of ints."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclasses.dataclass
@@ -192,11 +209,17 @@ class HostSteps:
 
     def host_pruning(self) -> HostPruning | None:
         """How the method's op runs on host-gathered rows (families with ``host_pruning``), or None."""
-        if not self.spec.host_pruning or not self.method.prunes:
+        if not self.spec.prunes_on_host(self.method):
             return None
         settings = self.method.settings_from_json(self.manifest.method.settings)
         return HostPruning(self.prune_rows, self.method.inputs(settings, self.relevance is not None),
                            self.method.budget(settings), self.method.scope(settings))
+
+    def pruning_plan(self) -> HostPruning | CropPruning | None:
+        """What the family's `image_features` gets beside the vision outputs: the op on host-gathered
+        rows (`host_pruning`), the method's layout of crops it pruned in the vision graph (a ``PER_CROP``
+        method on a multi-crop family), or None."""
+        return self.host_pruning() or self.spec.crop_pruning(self.manifest)
 
     def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -246,8 +269,12 @@ class Pipeline(HostSteps):
         self._init_host(backend.manifest, processor, clip_tokenizer, eos)
         self.segments = self.manifest.segment_graphs
         self.runners = {}
+        #: the token-embedding table when the backend hands it out: ids are looked up, the graph never runs
+        self.embedding_table = backend.embedding_table("embed")
         try:
             for name in pipeline_graphs(self.manifest):
+                if name == "embed" and self.embedding_table is not None:
+                    continue
                 self.runners[name] = backend.runner(name).activate()
         except BaseException:
             self.close()
@@ -264,16 +291,25 @@ class Pipeline(HostSteps):
         self.close()
 
     def run_graph(self, graph: str, feeds: dict) -> dict:
-        """Run one graph of the export: host arrays are moved to the backend; outputs are backend arrays."""
-        return self.runners[graph].infer({k: self.backend.from_host(v) if isinstance(v, np.ndarray) else v
-                                          for k, v in feeds.items()})
+        """Run one graph of the export: host arrays are moved to the backend; outputs are backend arrays,
+        by the names our tools use (`fsr.manifest.GraphEntry.aliases`)."""
+        out = self.runners[graph].infer({k: self.backend.from_host(v) if isinstance(v, np.ndarray) else v
+                                         for k, v in feeds.items()})
+        entry = self.manifest.graphs.get(graph)
+        return entry.our_names(out) if entry is not None else out
 
     _run = run_graph
 
     # -- 1./2. preprocessing and the instruction embedding: HostSteps --------------------------
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.backend.to_host(self._run("embed", {"input_ids": ids.astype(np.int64)})["inputs_embeds"])
+        ids = np.asarray(ids, dtype=np.int64)
+        table = self.embedding_table
+        if table is None:
+            return self.backend.to_host(self._run("embed", {"input_ids": ids})["inputs_embeds"])
+        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+            raise InputError(f"token ids must lie in [0, {table.shape[0]}) (got {ids.min()}..{ids.max()})")
+        return table[ids]
 
     def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.backend.to_host(self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})["text_embeds"])
@@ -288,7 +324,7 @@ class Pipeline(HostSteps):
 
     def vision(self, request: Request, instruction_embeds: np.ndarray | None) -> ImageFeatures:
         return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision,
-                                        self.host_pruning())
+                                        self.pruning_plan())
 
     def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The ``prune_b<budget>`` graph on host-gathered rows -> (pruned, kept_indices) host arrays."""
@@ -303,18 +339,20 @@ class Pipeline(HostSteps):
 
     # -- 5./6. prefill and decode ------------------------------------------------------------
 
-    def empty_cache(self, segment: str, batch: int) -> list:
+    def empty_cache(self, segment: str, batch: int, capacity: int | None = None) -> list:
+        """A segment's empty KV cache (``capacity``: positions the generation will reach, a hint)."""
         llm = self.manifest.llm
-        shape = (batch, llm.num_kv_heads, 0, llm.head_dim)
         n = len(self.runners[segment].input_names) - 3
-        return [self.backend.from_host(np.zeros(shape, self.dtype)) for _ in range(n)]
+        return self.backend.empty_cache(segment, (batch, llm.num_kv_heads, llm.head_dim), self.dtype, n, capacity)
 
-    def _forward(self, embeds, positions: np.ndarray, state: DecodeState, prefill: bool):
+    def _forward(self, embeds, positions: np.ndarray, state: DecodeState, prefill: bool, all_logits: bool = False):
         """The decoder segments in order. Prefill: a segment with ``prune_before`` first gets the
         method's pruning (`PruningMethod.between_segments`: its own shorter mask, the renumbered
         positions, its position offset); the others take the previous segment's. Decode: each
-        segment's positions are the unpruned ones minus its offset."""
+        segment's positions are the unpruned ones minus its offset. ``all_logits``: the last
+        segment returns every position's logits (``logits_index``), not the last one's."""
         hidden = embeds
+        last = self.manifest.decoder_segments[-1]
         for index, (segment, seg_state) in enumerate(zip(self.manifest.decoder_segments, state.segments)):
             if prefill:
                 if segment.prune_before:
@@ -330,18 +368,28 @@ class Pipeline(HostSteps):
             feeds = {runner.input_names[0]: hidden, "attention_mask": seg_state.attention_mask,
                      "position_ids": segment_positions}
             feeds.update(zip(runner.input_names[3:], seg_state.cache))
+            if all_logits and segment is last:
+                if LOGITS_INDEX not in runner.optional_input_names:
+                    raise BackendError(f"the {self.backend.name} backend's {segment.graph!r} returns the last "
+                                       "position's logits only; use the ort or torch backend for every position's")
+                feeds[LOGITS_INDEX] = np.arange(segment_positions.shape[-1], dtype=np.int64)
             out = self._run(segment.graph, feeds)
             hidden = out[runner.output_names[0]]
             seg_state.cache = [out[n] for n in runner.output_names[1:]]
         state.logits = hidden
         return state
 
-    def prefill(self, inputs: PrefillInputs) -> DecodeState:
-        batch = inputs.attention_mask.shape[0]
-        segments = [SegmentState(self.empty_cache(s, batch), inputs.attention_mask, np.zeros(batch, np.int64))
-                    for s in self.segments]
+    def prefill(self, inputs: PrefillInputs, *, max_new_tokens: int | None = None,
+                all_logits: bool = False) -> DecodeState:
+        """The decoder segments over the whole prompt. ``state.logits`` holds the last position's logits
+        ([B, 1, V]), or every position's with ``all_logits``; ``max_new_tokens`` sizes the KV buffers of a
+        backend that preallocates them (more steps still work: the buffers grow)."""
+        batch, width = inputs.attention_mask.shape
+        capacity = width + max_new_tokens if max_new_tokens is not None else None
+        segments = [SegmentState(self.empty_cache(s, batch, capacity), inputs.attention_mask,
+                                 np.zeros(batch, np.int64)) for s in self.segments]
         state = DecodeState(None, inputs.position_ids[..., -1], segments, inputs.image_spans)
-        return self._forward(inputs.inputs_embeds, inputs.position_ids, state, prefill=True)
+        return self._forward(inputs.inputs_embeds, inputs.position_ids, state, prefill=True, all_logits=all_logits)
 
     def decode(self, state: DecodeState, next_ids: np.ndarray) -> DecodeState:
         """One step: ``next_ids`` [B] -> the state after them (logits of the next token)."""
@@ -380,7 +428,7 @@ class Pipeline(HostSteps):
         inputs = self.assemble(request.rows, features)
         batch = len(request.rows)
         t = time.perf_counter()
-        state = self.prefill(inputs)
+        state = self.prefill(inputs, max_new_tokens=max_new_tokens)
         timings["prefill_s"] = time.perf_counter() - t
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)

@@ -90,7 +90,7 @@ class ReferencePipeline(HostSteps):
 
     def vision(self, request: Request, instruction_embeds: np.ndarray | None) -> ImageFeatures:
         return self.spec.image_features(self.vision_outputs(request, instruction_embeds), request.vision,
-                                        self.host_pruning())
+                                        self.pruning_plan())
 
     @torch.no_grad()
     def prune_rows(self, budget: int, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -42,16 +42,23 @@ METHOD_FORM_NAMES = {"fixed": TORCH, "reference": REFERENCE}
 class ModuleRunner(Runner):
     """Runs one PyTorch module under ``torch.inference_mode``; inputs by name, outputs by name."""
 
-    def __init__(self, name: str, module: nn.Module, input_names: list[str], output_names: list[str]):
+    def __init__(self, name: str, module: nn.Module, input_names: list[str], output_names: list[str],
+                 optional_names: list[str] | None = None):
         super().__init__(name, Path(f"<torch:{name}>"), input_names, output_names)
         self.module = module
+        self._optional = list(optional_names or [])
+
+    @property
+    def optional_input_names(self) -> list[str]:
+        return self._optional
 
     def activate_impl(self) -> None:
         self.module.eval()
 
     def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {n: feed_dict[n] for n in self._optional if n in feed_dict}
         with torch.inference_mode():
-            out = self.module(*(feed_dict[n] for n in self._inputs))
+            out = self.module(*(feed_dict[n] for n in self._inputs), **kwargs)
         if isinstance(out, torch.Tensor):
             out = (out,)
         if len(out) != len(self._outputs):
@@ -118,7 +125,7 @@ class TorchBackend(Backend):
                   else ReferenceModule(self.method.reference(self.settings), inputs))
             return ModuleRunner(graph, op, list(inputs), list(self.method.outputs(self.settings)))
         spec = self.spec.graph(self.loaded, self.manifest, graph, form=self.method_form)
-        return ModuleRunner(graph, spec.module, spec.input_names, spec.output_names)
+        return ModuleRunner(graph, spec.module, spec.input_names, spec.output_names, list(spec.optional_inputs))
 
     # -- arrays ---------------------------------------------------------------------------
 

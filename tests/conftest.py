@@ -62,6 +62,45 @@ def images(tmp_path_factory):
     return paths
 
 
+# -- LLaVA-NeXT: the tiny preset, images of four aspect ratios, the unpruned and the VisionZip export ---------
+
+#: (width, height): square (2x2 grid, 5 crops), 2:1 (1x2, 3 crops), 1:3 (3x1, 4 crops), 5:4 (2x2; its
+#: stitched grid loses rows to unpadding)
+NEXT_SIZES = {"square": (400, 400), "wide": (800, 400), "tall": (300, 900), "unpadded": (500, 400)}
+
+
+@pytest.fixture(scope="session")
+def next_model():
+    return load_model("tiny", family="llava-next")
+
+
+@pytest.fixture(scope="session")
+def next_images():
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, (w, h) in NEXT_SIZES.items():
+        # pixel noise: no two patches alike, so no exact ties that float rounding could break either way
+        out[name] = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return out
+
+
+def _export_next(tmp_path_factory, loaded, name, method, **settings):
+    out = tmp_path_factory.mktemp("next") / name
+    export_model(loaded, out, ExportSettings(method, **settings))
+    return out
+
+
+@pytest.fixture(scope="session")
+def next_none(next_model, tmp_path_factory):
+    return _export_next(tmp_path_factory, next_model, "none", "none")
+
+
+@pytest.fixture(scope="session")
+def next_vz64(next_model, tmp_path_factory):
+    """VisionZip per crop at 64 tokens per crop (54 + 10)."""
+    return _export_next(tmp_path_factory, next_model, "vz64", "visionzip", budget=64)
+
+
 PROMPTS = ["What is this?", "Describe the image in detail, please.", "How many objects are there?"]
 
 

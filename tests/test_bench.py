@@ -18,8 +18,9 @@ TIMINGS = ("ttft", "instruction", "vision", "embed", "prefill", "vision_tower", 
 ROW_FIELDS = ("method", "budget", "kept_tokens", "num_image_tokens", "batch", "prompt_tokens", "seq_len",
               "new_tokens", "export", "timings_ms", "peak_memory", "kv_cache_bytes", "kv_cache_bytes_final",
               "analytic", "roofline", "measured_over_ideal", "fsr_op_share_of_ttft", "speedup",
-              "kv_cache_reduction", "baseline", "notes")
+              "kv_cache_reduction", "baseline", "notes", "loadavg", "vs_transformers")
 DOC_FIELDS = ("schema", "started", "backend", "machine", "device_peak", "settings", "model", "exports", "results",
+              "transformers",
               "command", "export_s", "wall_s")
 FAST = ["--warmup", "1", "--repeat", "2", "--new-tokens", "3", "--peak-matmul", "256", "--peak-copy-mib", "8"]
 
@@ -36,15 +37,20 @@ def test_prefill_flops_match_a_hand_count():
     q_proj = 2 * 10 * 64 * (4 * 16)
     k_proj = v_proj = 2 * 10 * 64 * (2 * 16)  # grouped-query: 2 KV heads
     o_proj = 2 * 10 * (4 * 16) * 64
-    scores = 2 * 4 * 10 * 10 * 16  # Q K^T: 4 query heads, 10 x 10, head_dim 16
-    weighted = 2 * 4 * 10 * 10 * 16  # P V
+    pairs = 1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 + 10  # causal: query i sees i + 1 keys
+    scores = 2 * 4 * pairs * 16  # Q K^T: 4 query heads, head_dim 16
+    weighted = 2 * 4 * pairs * 16  # P V
     mlp = 3 * (2 * 10 * 64 * 128)  # gate, up, down
-    lm_head = 2 * 10 * 64 * 261
+    lm_head = 2 * 1 * 64 * 261  # the last position's logits
     per_layer = q_proj + k_proj + v_proj + o_proj + scores + weighted + mlp
     flops = analytic.prefill_flops(TINY_LLM, batch=1, seq=10)
-    assert flops["total"] == 2 * per_layer + lm_head == 1_859_840
+    assert flops["total"] == 2 * per_layer + lm_head == 1_536_128
     assert flops["attention_scores"] == 2 * (scores + weighted)
     assert analytic.prefill_flops(TINY_LLM, batch=3, seq=10)["total"] == 3 * flops["total"]
+    # every position's logits; a decode step after 9 positions sees 10 keys
+    assert analytic.prefill_flops(TINY_LLM, 1, 10, logits=10)["lm_head"] == 10 * lm_head
+    step = analytic.prefill_flops(TINY_LLM, 1, 1, past=9)
+    assert step["attention_scores"] == 2 * 2 * 2 * 4 * 10 * 16
 
 
 def test_prefill_bytes_and_kv_cache_match_a_hand_count():
@@ -188,6 +194,37 @@ def test_plot_and_tables_are_written(bench_run):
     text = (out / "bench.md").read_text()
     assert "| 576 (none) | 1 |" in text and "| 64 (fsr) | 2 |" in text and "| 64 (visionzip) | 2 |" in text
     assert "TTFT speedup" in text
+    assert "| transformers generate (unpruned, sdpa) | 1 |" in text and "TTFT vs transformers" in text
+    assert "Decode against context length" in text and "load avg" in text
+
+
+def test_transformers_generate_is_measured_beside_every_budget(bench_run, export_none):
+    """The side-by-side row: plain transformers generate on the unpruned export's own weights, interleaved
+    (as many measured runs as every budget), and each row's ratio against it."""
+    doc, _ = bench_run
+    refs = doc["transformers"]
+    assert [r["batch"] for r in refs] == [1, 2]
+    assert all(r["source"] == str(export_none / "source") for r in refs)
+    for ref in refs:
+        assert ref["timings_ms"]["ttft"]["n"] == 2 and ref["timings_ms"]["decode_per_token"]["median"] > 0
+        assert ref["seq_len"] == next(r["seq_len"] for r in doc["results"] if r["method"] == "none"
+                                      and r["batch"] == ref["batch"])  # the same prompt, image tokens expanded
+    for row in doc["results"]:
+        ref = next(r for r in refs if r["batch"] == row["batch"])
+        want = ref["timings_ms"]["ttft"]["median"] / row["timings_ms"]["ttft"]["median"]
+        assert row["vs_transformers"]["ttft"] == pytest.approx(want)
+        assert row["loadavg"]["n"] == 2
+
+
+def test_ttft_breakdown_splits_the_vision_graph():
+    from fsr.bench.report import breakdown
+
+    t = {"instruction": 1.0, "vision": 30.0, "vision_tower": 20.0, "fsr_op": 5.0, "embed": 2.0, "prefill": 40.0}
+    parts = breakdown({"timings_ms": {k: {"median": v} for k, v in t.items()}})
+    assert parts["vision_tower"] == pytest.approx(24.0) and parts["fsr_op"] == pytest.approx(6.0)
+    assert sum(parts.values()) == pytest.approx(73.0)  # = the steps of TTFT
+    unpruned = breakdown({"timings_ms": {"vision": {"median": 30.0}, "fsr_op": {"median": None}}})
+    assert unpruned["vision_rest"] == 30.0 and unpruned["fsr_op"] == 0.0
 
 
 def test_op_benchmark_reports_share_of_ttft(bench_run, export_fsr64):
@@ -385,3 +422,20 @@ def test_pio_beside_fsr_at_equal_budget_per_segment(tmp_path):
     assert pio["analytic"]["prefill_flops_parts"]["llm_pruning"] > 0
     markdown = (tmp_path / "bench.md").read_text()
     assert "| 64 (pio-fvlm) | 1 | decoder_1 | 1–9 | 92 |" in markdown and "| 64 (fsr) | 1 |" in markdown
+
+
+def test_backend_variants_side_by_side(export_none, tmp_path):
+    """``python -m fsr.bench.variants``: one export under several backend options, interleaved."""
+    from fsr.bench import variants
+
+    out = tmp_path / "variants.json"
+    assert variants.main([str(export_none), "--variant", "default:", "--variant", "plain:fused=false,spin=on,"
+                          "embed_lookup=false", "--repeat", "2", "--warmup", "0", "--new-tokens", "3",
+                          "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["variant"], r["options"]) for r in doc["rows"]] == [
+        ("default", {}), ("plain", {"fused": False, "spin": "on", "embed_lookup": False})]
+    assert all(r["timings_ms"]["ttft"]["n"] == 2 and r["loadavg"]["n"] == 2 for r in doc["rows"])
+    assert variants.parse_variant("spin=stop") == ("spin=stop", {"spin": "stop"})
+    with pytest.raises(variants.BenchError):
+        variants.parse_variant("x:spin")

@@ -128,7 +128,9 @@ def test_saved_files_are_polygraphy_json(report_fsr64):
     assert all(f["past_key_values.0.key"].shape[2] > 0 for f in feeds)  # past length > 0
     reference = RunResults.load(files["reference_outputs"])
     assert list(reference.keys()) == ["torch"] and len(reference["torch"]) == 2
-    assert reference["torch"][0]["logits"].shape == feeds[0]["inputs_embeds"].shape[:2] + (261,)
+    # the decoder's default: the last position's logits (every position's K/V is compared as present.*)
+    assert reference["torch"][0]["logits"].shape == feeds[0]["inputs_embeds"].shape[:1] + (1, 261)
+    assert reference["torch"][0]["present.0.key"].shape[2] == feeds[0]["attention_mask"].shape[1]
 
 
 # ---------------------------------------------------------------------------- a corrupted weight fails
@@ -140,11 +142,15 @@ def test_corrupted_decoder_weight_fails_naming_graph_and_output(export_fsr64, tm
 
     export = tmp_path / "export"
     shutil.copytree(export_fsr64, export)
-    model = onnx.load(export / "decoder.onnx")
+    model = onnx.load(export / "decoder.onnx")  # with its external data (decoder.onnx.data)
     initializers = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
     node = next(n for n in model.graph.node if "logits" in n.output)  # the LM head
     assert node.op_type == "MatMul"
-    weight = next(i for i in node.input if i in initializers)
+    # the weight is kept in the module's layout: MatMul(h, Transpose(lm_head.weight))
+    weight = next(i if i in initializers else producers[i].input[0] for i in node.input
+                  if i in initializers or (i in producers and producers[i].op_type == "Transpose"
+                                           and producers[i].input[0] in initializers))
     array = numpy_helper.to_array(initializers[weight])
     initializers[weight].CopyFrom(numpy_helper.from_array(array * 1.5, weight))
     onnx.save(model, export / "decoder.onnx")

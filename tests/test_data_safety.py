@@ -537,14 +537,14 @@ def test_export_disk_full_while_saving_the_source(tiny_model, tmp_path, monkeypa
 
 
 def test_export_disk_full_while_writing_a_graph(tiny_model, tmp_path, monkeypatch):
-    import torch
+    import onnx_ir
 
     from fsr.export import ExportSettings, export_model
 
-    def full(self, *a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a[0]) if a else None)
+    def full(model, path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", full)
+    monkeypatch.setattr(onnx_ir, "save", full)  # how fsr.export.trace writes every traced graph
     with pytest.raises(OutputError, match="no space left on the device"):
         export_model(tiny_model, tmp_path / "out", ExportSettings(method="none"))
     assert list(tmp_path.iterdir()) == []

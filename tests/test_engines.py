@@ -41,7 +41,11 @@ def _tensorrt():
 
 
 def _elem_types(model):
-    return {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    """Types of the bindings: the graph's inputs and outputs (an input with a default value, an
+    initializer, is a constant to TensorRT, not a binding)."""
+    defaults = {t.name for t in model.graph.initializer}
+    return {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]
+            if v.name not in defaults}
 
 
 def _producers(model):
@@ -258,7 +262,7 @@ def test_every_graph_has_engines_recorded_with_source_hashes(which, request):
             assert entry.file == f"engines/{graph}.{precision}.engine" and engine.stat().st_size > 10_000
             assert entry.size_bytes == engine.stat().st_size and entry.sha256 == sha256(engine)
             assert entry.source.file == g.file
-            assert entry.source.files == {g.file: sha256(export / g.file)}
+            assert entry.source.files == {f.path: sha256(export / f.path) for f in g.files}  # + external data
             assert entry.tensorrt == {"flavour": trt.flavour, "version": trt.version}
             assert entry.profiles and not entry.plugin
             if precision == "fp16":

@@ -2,8 +2,9 @@
 per-image FocusScanRefine against an independent PyTorch reference, the scope in the
 manifest, onnx.checker and TensorRT-RTX builds of every graph.
 
-Images of four shapes: square (2x2 grid), 2:1 (1x2), 1:3 (3x1), and 5:4, whose stitched
-grid loses rows to unpadding (crops with fewer than 576 tokens reach the op).
+Images of four shapes (``next_images``, conftest.py): square (2x2 grid), 2:1 (1x2), 1:3 (3x1),
+and 5:4, whose stitched grid loses rows to unpadding (crops with fewer than 576 tokens reach
+the op). VisionZip per crop on NeXT: test_visionzip_next.py.
 """
 
 from __future__ import annotations
@@ -12,47 +13,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from fsr.export import ExportSettings, export_model
 from fsr.manifest import read_manifest
-from fsr.models import get_spec, load_model
+from fsr.models import get_spec
 from fsr.models.llava_next import split_budget, unpadded_box
 from fsr.pruning.fsr_reference import focus_scan_refine_reference
 from fsr.runtime.pipeline import Pipeline
 from fsr.runtime.reference import ReferencePipeline, cut_after_eos
 
 MAX_NEW = 6
-SIZES = {"square": (400, 400), "wide": (800, 400), "tall": (300, 900), "unpadded": (500, 400)}  # (w, h)
 PROMPTS = ["What is in this picture?", "Describe it.", "Which colour dominates the upper left part?"]
-
-
-@pytest.fixture(scope="module")
-def next_model():
-    return load_model("tiny", family="llava-next")
-
-
-@pytest.fixture(scope="module")
-def next_images():
-    rng = np.random.default_rng(7)
-    out = {}
-    for name, (w, h) in SIZES.items():
-        # pixel noise: no two patches alike, so no exact ties that float rounding could break either way
-        out[name] = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-    return out
 
 
 def _export(tmp_path_factory, loaded, name, method, **options):
     out = tmp_path_factory.mktemp("next") / name
     export_model(loaded, out, ExportSettings(method, **options))
     return out
-
-
-@pytest.fixture(scope="module")
-def next_none(next_model, tmp_path_factory):
-    return _export(tmp_path_factory, next_model, "none", "none")
 
 
 @pytest.fixture(scope="module")

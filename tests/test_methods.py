@@ -25,7 +25,7 @@ def test_registered_methods():
     ({"beta": -1.0}, "--beta must be >= 0"),
     ({"rho": 0.0}, "--rho must be > 0"),
     ({"kappa": float("inf")}, "--kappa must be a finite number"),
-    ({"relevance": "none"}, "--relevance must be one of auto, clip, llm"),
+    ({"relevance": "off"}, "--relevance must be one of auto, clip, llm, none"),
     ({"gamma": 1.0}, "unknown FocusScanRefine option(s) ['gamma']"),
 ])
 def test_fsr_settings_are_validated(options, message):

@@ -23,8 +23,8 @@ GEOMETRY = {576, 336, 77, 2880, 672}
 #: Hugging Face config fields only the model specs read
 CONFIG_FIELDS = {"vision_config", "text_config", "num_key_value_heads", "num_attention_heads", "num_hidden_layers",
                  "vision_feature_layer", "vision_feature_select_strategy"}
-#: operator sizes (not a model's geometry) in the FocusScanRefine op's own test cases and micro-benchmark
-GEOMETRY_EXCEPTIONS = {"pruning/testing.py", "bench/op.py"}
+#: operator sizes (not a model's geometry) in the FocusScanRefine op's own test cases and micro-benchmarks
+GEOMETRY_EXCEPTIONS = {"pruning/testing.py", "bench/op.py", "bench/gpu_check.py"}
 #: the FocusScanRefine op's own micro-benchmark (``fsr-bench op``) picks FSR exports: FSR by definition
 METHOD_NAME_EXCEPTIONS = {"bench/op.py"}
 

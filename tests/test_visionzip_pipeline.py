@@ -161,7 +161,7 @@ def test_vision_graph_at_other_budgets(budget, tiny_model, images, prompts, tmp_
 
     manifest = describe(tiny_model, ExportSettings("visionzip", budget=budget))
     assert (manifest.method.details["dominant"], manifest.method.details["contextual"]) == visionzip_split(budget)
-    path = trace_graph(get_spec("llava").vision_graph(tiny_model, manifest), tmp_path)
+    path, _ = trace_graph(get_spec("llava").vision_graph(tiny_model, manifest), tmp_path)
     model = onnx.load(path)
     [node] = [n for n in model.graph.node if n.op_type == "VisionZip"]
     assert [a.i for a in node.attribute] == list(visionzip_split(budget))
