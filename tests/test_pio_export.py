@@ -128,27 +128,29 @@ def test_each_pruning_graph_matches_the_closed_form(export_pio64, manifest, sour
 def test_the_pruning_graphs_share_the_decoder_segments_weights(export_pio64, manifest, source):
     """Each pruning graph's matrices (its proxy layer = the next segment's first layer, and the LM head)
     are not in its file: they are external data in shared_weights.data, under canonical names, the
-    same tensors the decoder segments read, byte-identical to the model's ``W^T``."""
+    same tensors the decoder segments read, byte-identical to the model's ``W`` (or ``W^T``)."""
     index = json.loads((export_pio64 / SHARED_WEIGHTS_INDEX).read_text())
     data = (export_pio64 / SHARED_WEIGHTS_DATA).read_bytes()
-    params = {f"shared/{n}.T": p.detach().numpy().T for n, p in source.model.named_parameters() if p.dim() == 2}
+    params = {f"shared/{n}": p.detach().numpy() for n, p in source.model.named_parameters() if p.dim() == 2}
+    params.update({f"{k}.T": v.T for k, v in list(params.items())})  # a graph may hold W or W^T
     for name, t in index["tensors"].items():
         raw = data[t["offset"]: t["offset"] + t["length"]]
         np.testing.assert_array_equal(np.frombuffer(raw, t["dtype"]).reshape(t["shape"]), params[name])
     for graph, layer in (("pruning_1", 1), ("pruning_10", 10), ("pruning_15", 15)):
         names = set(index["graphs"][graph])
-        assert names == {f"shared/model.language_model.layers.{layer}.{m}.weight.T" for m in (
+        # the graphs keep each weight in its module's layout (fsr.export.trace): W, not W^T
+        assert names == {f"shared/model.language_model.layers.{layer}.{m}.weight" for m in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj")} | {"shared/lm_head.weight.T"}
+            "mlp.up_proj", "mlp.down_proj")} | {"shared/lm_head.weight"}
         segment = next(s.graph for s in manifest.decoder_segments if s.prune_before == graph)
-        assert names - {"shared/lm_head.weight.T"} <= set(index["graphs"][segment])
+        assert names - {"shared/lm_head.weight"} <= set(index["graphs"][segment])
         model = onnx.load(export_pio64 / f"{graph}.onnx", load_external_data=False)
         inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
                   and t.data_type == onnx.TensorProto.FLOAT and numpy_helper.to_array(t).size >= 256]
         assert not inline, [t.name for t in inline]
         files = [f.path for f in manifest.graph(graph).files]
         assert files == [f"{graph}.onnx", SHARED_WEIGHTS_DATA, SHARED_WEIGHTS_INDEX]
-    assert "shared/lm_head.weight.T" in index["graphs"]["decoder_3"]
+    assert "shared/lm_head.weight" in index["graphs"]["decoder_3"]
 
 
 def test_shared_and_copied_weights_generate_the_same(export_pio64):

@@ -27,7 +27,7 @@ from fsr.export import ExportSettings, describe, export_model
 from fsr.export.transformers_js import LayoutError
 from fsr.manifest import Manifest, read_manifest
 from fsr.models import get_spec, load_model
-from fsr.pruning.methods import method_names
+from fsr.pruning.methods import get_method, method_names
 from fsr.runtime.pipeline import Pipeline
 from fsr.runtime.reference import ReferencePipeline
 
@@ -314,7 +314,20 @@ def test_external_data_follows_the_graph_under_transformers_js_name(tmp_path):
     np.testing.assert_array_equal(session.run(None, {"inputs_embeds": x})[0], x @ weight)
 
 
-OTHER_METHODS = [m for m in method_names(exportable=True) if m not in ("none", "fsr")]
+OTHER_METHODS = [m for m in method_names(exportable=True)
+                 if m not in ("none", "fsr") and get_method(m).prunes_in != "llm"]
+
+
+def test_a_method_that_prunes_inside_the_llm_is_refused(tmp_path):
+    """Transformers.js runs one decoder graph: PIO-FVLM (decoder segments + pruning graphs) is refused
+    before anything is written, with the fix."""
+    from fsr.export import ExportSettings, export_model
+    from fsr.models import load_model
+
+    loaded = load_model("tiny-deep", family="llava")
+    with pytest.raises(LayoutError, match="use --format native"):
+        export_model(loaded, tmp_path / "x", ExportSettings("pio-fvlm", format="transformers.js"))
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
