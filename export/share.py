@@ -92,7 +92,9 @@ def share_weights(root: Path, paths: dict[str, Path], parameters=()) -> dict | N
     graphs in place; returns the index written to ``shared_weights.json`` (None when nothing is
     shared: no file is written).
     """
-    models = {name: onnx.load(path) for name, path in paths.items()}
+    # external tensors (a graph's own weight file: the decoder's, shared with its other forms) are
+    # never candidates (`_key`): they are not loaded, and stay as they are
+    models = {name: onnx.load(path, load_external_data=False) for name, path in paths.items()}
     users: dict[tuple, list[str]] = {}
     for name, model in models.items():
         for key in {k for k in map(_key, model.graph.initializer) if k is not None}:
@@ -148,8 +150,8 @@ def share_weights(root: Path, paths: dict[str, Path], parameters=()) -> dict | N
                 model.graph.initializer.extend(kept)
                 _rename(model.graph, renames)
                 index["graphs"][name] = sorted(set(renames.values()))
-    for name, model in models.items():
-        _save(model, paths[name])
+    for name in index["graphs"]:  # only the graphs that now refer to the shared file are rewritten
+        _save(models[name], paths[name])
     (Path(root) / SHARED_INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return index
 

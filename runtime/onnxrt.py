@@ -257,7 +257,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, export_dir: Path, manifest: Manifest, providers: list[str] | None = None,
                  threads: int | None = None, spin: str = "off", fused: bool = True, embed_lookup: bool = True,
-                 share_weights: bool = True):
+                 share_weights: bool = False):
         super().__init__(export_dir, manifest)
         if spin not in SPIN_MODES:
             raise BackendError(f"unknown spin mode {spin!r}; choose one of {', '.join(SPIN_MODES)}")
@@ -267,7 +267,10 @@ class OnnxRuntimeBackend(Backend):
         self._shared: SharedWeights | None = None
 
     def shared_weights(self, graph: str) -> SharedWeights | None:
-        """The export's shared tensors when ``graph`` holds some (its files list their index)."""
+        """The export's shared tensors when ``graph`` holds some (its files list their index) and
+        ``share_weights`` is on. Off by default: on the ``small-deep`` PIO-FVLM export, a pruning
+        graph whose session gets its shared tensors by ``add_initializer`` fails in ONNX Runtime 1.31
+        (a Mul broadcast error) while the same graph loading its tensors from the file runs."""
         index = next((f.path for f in self.manifest.graph(graph).files[1:] if f.path.endswith(SHARED_WEIGHTS_INDEX)), None)
         if index is None or not self.share_weights:
             return None
