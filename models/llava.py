@@ -143,23 +143,31 @@ class LlavaSpec(ModelSpec):
     def build_preset(self, name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                      device: str = "cpu") -> LoadedModel:
         """Random weights from ``seed``; ``device="meta"`` builds the modules without weights."""
-        if name not in PRESETS:
-            raise ModelError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        p = PRESETS[name]
-        llava_cfg, clip_cfg = preset_configs(p)
+        if name not in self.presets:
+            raise ModelError(f"unknown preset {name!r}; choose one of {', '.join(self.presets)}")
+        p = self.presets[name]
+        model_cfg, clip_cfg = self.preset_configs(p)
         torch.manual_seed(seed)
         old = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # parameters made in ``dtype`` directly (no fp32 copy first)
         try:
             with torch.device(device):
-                model = LlavaForConditionalGeneration(llava_cfg).to(dtype).eval()
+                model = self.model_class(model_cfg).to(dtype).eval()
                 clip = CLIPModel(clip_cfg).to(dtype).eval()
         finally:
             torch.set_default_dtype(old)
         # The LLaVA vision tower *is* the CLIP vision tower the relevance term comes from.
         clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
-        return LoadedModel(self.name, model, build_processor(p), clip, source=f"preset:{name}", path=None,
-                           preset=name, clip_tokenizer=build_byte_tokenizer(CLIP_MAX_TOKENS))
+        return LoadedModel(self.name, model, self.preset_processor(p), clip, source=f"preset:{name}", path=None,
+                           preset=name, clip_tokenizer=build_byte_tokenizer(self.clip_max_tokens))
+
+    def preset_configs(self, p: Preset):
+        """The model's and the CLIP model's configs of preset ``p`` (a subclass: its own geometry)."""
+        return preset_configs(p)
+
+    def preset_processor(self, p: Preset):
+        """The processor of preset ``p``."""
+        return build_processor(p)
 
     def check_config(self, config: dict, path) -> None:
         vision = config.get("vision_config") or {}

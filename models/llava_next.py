@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import (
-    CLIPModel, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+    LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
     LlavaNextProcessor,
 )
 from transformers.image_processing_utils import select_best_resolution
@@ -157,24 +157,11 @@ class LlavaNextSpec(LlavaSpec):
 
     # -- loading ----------------------------------------------------------------------------
 
-    def build_preset(self, name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     device: str = "cpu") -> LoadedModel:
-        if name not in PRESETS:
-            raise ModelError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        p = PRESETS[name]
-        config, clip_cfg = next_config(p)
-        torch.manual_seed(seed)
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
-                clip = CLIPModel(clip_cfg).to(dtype).eval()
-        finally:
-            torch.set_default_dtype(old)
-        clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
-        return LoadedModel(self.name, model, build_processor(p), clip, source=f"preset:{name}", path=None,
-                           preset=name, clip_tokenizer=build_byte_tokenizer(CLIP_MAX_TOKENS))
+    def preset_configs(self, p: Preset):
+        return next_config(p)
+
+    def preset_processor(self, p: Preset):
+        return build_processor(p)
 
     def check_config(self, config: dict, path) -> None:
         super().check_config(config, path)
