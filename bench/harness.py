@@ -99,7 +99,7 @@ def run_once(target: Target, request: Request, new_tokens: int, parts: bool = Tr
     sync()
     t["embed"], mark = clock() - mark, clock()
 
-    state = pipe.prefill(inputs)
+    state = pipe.prefill(inputs, max_new_tokens=new_tokens)  # KV buffers sized as generate sizes them
     next_ids = pipe.next_tokens(state)
     t["prefill"] = clock() - mark
     t["ttft"] = clock() - start

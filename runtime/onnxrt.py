@@ -207,7 +207,9 @@ class OnnxRuntimeRunner(Runner):
                                    f"says {past}; pass the cache the previous step returned")
             if value.capacity >= total:
                 return value
-            return value.grown(max(total, 2 * value.capacity))
+            # room for the steps that follow: a prefill that outgrows the buffer keeps the reserve, a decode
+            # step doubles it (a growth copies every valid position, so it must not recur step after step)
+            return value.grown(max(total + self.reserve, 2 * value.capacity))
         array = np.asarray(value)
         if array.ndim != 4 or array.shape[2] != past:
             raise BackendError(f"graph {self.name!r}: {name} has shape {list(array.shape)}; the attention mask says "

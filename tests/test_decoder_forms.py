@@ -176,6 +176,30 @@ def test_kv_buffers_are_updated_in_place_and_grow(export_none, tiny_model):
     runner.deactivate()
 
 
+def test_a_prefill_that_outgrows_its_buffers_keeps_room_for_the_steps_after_it(export_none, tiny_model):
+    """A buffer too small for the prefill is replaced by one with ``reserve`` positions to spare, so the
+    decode steps that follow write in place instead of copying the cache again (issue 13: a growth on the
+    first decode step cost a copy of every layer's cache)."""
+    cfg = tiny_model.model.config.text_config
+    runner = OnnxRuntimeRunner("decoder", export_none / "decoder.ort.onnx", kv_buffers=True, reserve=3).activate()
+    names = runner.input_names
+    x, mask, pos, empty = _decoder_inputs(cfg, 1, 6, 0, pad=0)
+    kvh, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    small = [KVBuffer.empty((1, kvh, hd), 4, np.float32) for _ in empty]
+    out = runner.infer({**dict(zip(names, [t.numpy() for t in (x, mask, pos)])), **dict(zip(names[3:], small))})
+    presents = [out[n] for n in runner.output_names[1:]]
+    assert all(p.capacity == 6 + 3 and p.length == 6 for p in presents)
+    mask_np = mask.numpy()
+    for step in range(3):  # the reserve: no new buffer
+        mask_np = np.concatenate([mask_np, np.ones((1, 1), np.int64)], axis=1)
+        x1 = np.random.RandomState(step).randn(1, 1, cfg.hidden_size).astype(np.float32)
+        got = runner.infer({names[0]: x1, "attention_mask": mask_np, "position_ids": pos.numpy()[:, -1:] + 1 + step,
+                            **dict(zip(names[3:], presents))})
+        new = [got[n] for n in runner.output_names[1:]]
+        assert all(n is p for n, p in zip(new, presents))
+    runner.deactivate()
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 
