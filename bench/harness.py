@@ -137,9 +137,16 @@ def run_once(target: Target, request: Request, new_tokens: int, parts: bool = Tr
     return t
 
 
+def image_size(spec, processor, vision_size: int) -> int:
+    """The side of the synthetic images every row of a benchmark gets (our pipelines and transformers
+    ``generate`` alike): the family's benchmark size (LLaVA-NeXT: a size that makes its full crop
+    grid), else the vision tower's input size."""
+    return spec.benchmark_image_size(processor) or vision_size
+
+
 def prepare_inputs(target: Target, batch: int, settings: BenchSettings) -> Request:
     pipe = target.pipeline
-    size = pipe.spec.benchmark_image_size(pipe.processor) or pipe.manifest.vision.image_size
+    size = image_size(pipe.spec, pipe.processor, pipe.manifest.vision.image_size)
     return target.pipeline.prepare(synthetic_images(batch, size), [settings.prompt] * batch)
 
 
@@ -348,7 +355,7 @@ def run_benchmark(specs: list[TargetSpec], info: ModelInfo, peak: DevicePeak, se
         if reference is None:
             return
         if batch not in reference_inputs:
-            size = info.vision.image_size
+            size = image_size(reference.spec, reference.processor, info.vision.image_size)
             reference_inputs[batch] = reference.prepare(synthetic_images(batch, size), settings.prompt)
         result = reference.run(reference_inputs[batch], settings.new_tokens)
         result["loadavg"] = _load1()

@@ -305,6 +305,9 @@ def test_bench_runs_on_next_exports(next_crop, next_none, tmp_path):
     rows = {row["budget"]: row for row in doc["results"]}
     assert set(rows) == {320, None}  # None: the unpruned export
     assert rows[320]["seq_len"] < rows[None]["seq_len"]
+    # transformers generate gets the same images (the crop grid the pipelines see): the same prompt length
+    [ref] = doc["transformers"]
+    assert ref["seq_len"] == rows[None]["seq_len"]
 
 
 def test_7b_preset_plans_its_graphs_on_the_meta_device():
