@@ -109,9 +109,16 @@ class SharedWeights:
     """The tensors several graphs of an export share (``fsr.export.share``), loaded once.
 
     The shared file is memory-mapped and each tensor becomes one ``OrtValue`` over its bytes;
-    every session that holds the tensor gets that value (``SessionOptions.add_initializer``)
-    instead of a copy of its own. Such sessions run with MatMul prepacking off
-    (``session.disable_prepacking``): prepacking would make a packed copy per session.
+    every session that holds the tensor as a *weight* gets that value
+    (``SessionOptions.add_initializer``) instead of a copy of its own. Such sessions run with MatMul
+    prepacking off (``session.disable_prepacking``): prepacking would make a packed copy per session.
+
+    A weight here is an initializer whose every use is the ``B`` input of a ``MatMul`` / ``Gemm`` or the
+    table of a ``Gather`` (`weight_initializers`): what holds the memory. Anything else (a norm's
+    scale under a ``Mul``, say) stays the session's own: ONNX Runtime's graph optimizers may reshape
+    such a constant in place (unsqueeze it, push a transpose into it), and a value registered with
+    ``add_initializer`` replaces the reshaped one at run time (``Mul``: "Attempting to broadcast an
+    axis by a dimension other than 1"; measured on the ``small-deep`` PIO-FVLM export).
     """
 
     def __init__(self, root: Path, index_file: Path):
@@ -132,13 +139,58 @@ class SharedWeights:
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
         return self.values[name]
 
-    def add_to(self, options, graph: str) -> bool:
+    def add_to(self, options, graph: str, path: Path | None = None) -> list[str]:
+        """Register the shared tensors ``graph`` uses as weights (all of them without ``path``, the
+        graph's file); the names registered."""
         names = self.names(graph)
+        if path is not None:
+            weights = weight_initializers(path)
+            names = [n for n in names if n in weights]
         for name in names:
             options.add_initializer(name, self.value(name))
         if names:
             options.add_session_config_entry("session.disable_prepacking", "1")
-        return bool(names)
+        return names
+
+
+#: (op type, input index) uses that make an initializer a weight ONNX Runtime reads as it is
+WEIGHT_USES = {("MatMul", 1), ("Gemm", 1), ("Gather", 0)}
+
+
+def weight_initializers(path: Path) -> set[str]:
+    """Initializers of the graph at ``path`` used only as weights (`WEIGHT_USES`, top-level nodes of the
+    default domain); one used anywhere else (another input, another op, a subgraph, a graph output) is
+    left out."""
+    import onnx  # noqa: PLC0415
+
+    graph = onnx.load(path, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    uses: dict[str, set[tuple[str, int]]] = {}
+    for node in graph.node:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        for index, name in enumerate(node.input):
+            if name in initializers:
+                uses.setdefault(name, set()).add((op, index))
+        for name in _subgraph_reads(node) & initializers:  # read inside a Loop / If body: not a plain weight
+            uses.setdefault(name, set()).add(("subgraph", -1))
+    for output in graph.output:
+        if output.name in initializers:
+            uses.setdefault(output.name, set()).add(("output", -1))
+    return {name for name, used in uses.items() if used <= WEIGHT_USES}
+
+
+def _subgraph_reads(node) -> set[str]:
+    """Every tensor name the subgraphs of ``node`` (at any depth) read."""
+    import onnx  # noqa: PLC0415
+
+    names: set[str] = set()
+    for attribute in node.attribute:
+        subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for sub in subs:
+            for inner in sub.node:
+                names.update(inner.input)
+                names |= _subgraph_reads(inner)
+    return names
 
 
 class OnnxRuntimeRunner(Runner):
@@ -157,7 +209,7 @@ class OnnxRuntimeRunner(Runner):
     def activate_impl(self) -> None:
         opts = session_options(self.threads, self.spin)
         if self.shared is not None:
-            self.shared.add_to(opts, self.name)
+            self.shared.add_to(opts, self.name, self.path)
         providers = self.providers or ort.get_available_providers()
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
@@ -270,9 +322,11 @@ class OnnxRuntimeBackend(Backend):
 
     def shared_weights(self, graph: str) -> SharedWeights | None:
         """The export's shared tensors when ``graph`` holds some (its files list their index) and
-        ``share_weights`` is on. Off by default: on the ``small-deep`` PIO-FVLM export, a pruning
-        graph whose session gets its shared tensors by ``add_initializer`` fails in ONNX Runtime 1.31
-        (a Mul broadcast error) while the same graph loading its tensors from the file runs."""
+        ``share_weights`` is on. Off by default: only tensors a graph reads directly as weights are
+        registered (`SharedWeights`), and the graphs as exported now read each weight through a
+        ``Transpose`` that ONNX Runtime folds into a copy of its own at load time, so on the exports
+        of this version nothing is registered (measured: small-deep PIO-FVLM, same resident memory
+        either way); on disk the shared tensors exist once."""
         index = next((f.path for f in self.manifest.graph(graph).files[1:] if f.path.endswith(SHARED_WEIGHTS_INDEX)), None)
         if index is None or not self.share_weights:
             return None

@@ -46,3 +46,42 @@ def test_same_bytes_other_shape_are_two_shared_tensors(tmp_path, parameters):
         x = rng.standard_normal((1, weight.shape[0])).astype(np.float32)
         session = ort.InferenceSession(str(paths[f"g{i}"]), providers=["CPUExecutionProvider"])
         np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_runtime_registers_only_what_it_reads_as_a_weight(tmp_path):
+    """`SharedWeights` hands a session only the shared tensors its graph reads as weights (MatMul B);
+    a scale under Mul stays the session's own (on the small-deep PIO-FVLM export, ONNX Runtime 1.31
+    rewrote such a scale during its graph optimizations and the registered value then failed a Mul
+    broadcast). Both graphs still compute what they did."""
+    from fsr.runtime.onnxrt import SharedWeights, session_options, weight_initializers
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    scale = rng.standard_normal(256).astype(np.float32)
+    paths = {}
+    for g in ("g0", "g1"):  # xt = Transpose(x): y = sum(scale * xt), z = xt * scale, h = xt @ W
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 256, "n"])
+        outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("y", "z", "h")]
+        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]), helper.make_node("Mul", ["s", "t"], ["m"]),
+                 helper.make_node("ReduceSum", ["m"], ["y"], keepdims=0),
+                 helper.make_node("Transpose", ["x"], ["t2"], perm=[0, 2, 1]), helper.make_node("Mul", ["t2", "s"], ["z"]),
+                 helper.make_node("MatMul", ["t", "W"], ["h"])]
+        graph = helper.make_graph(nodes, g, [x], outs, [numpy_helper.from_array(w, "W"), numpy_helper.from_array(scale, "s")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 10
+        paths[g] = tmp_path / f"{g}.onnx"
+        onnx.save_model(model, paths[g])
+    index = share_weights(tmp_path, paths)
+    assert len(index["tensors"]) == 2
+    [matmul_weight] = [n for n in index["tensors"] if index["tensors"][n]["shape"] == [256, 256]]
+    shared = SharedWeights(tmp_path, tmp_path / SHARED_WEIGHTS_INDEX)
+    x = rng.standard_normal((2, 256, 3)).astype(np.float32)
+    xt = x.transpose(0, 2, 1)
+    want = [(xt * scale).sum(), xt * scale, xt @ w]
+    for g, path in paths.items():
+        assert weight_initializers(path) == {matmul_weight}
+        options = session_options(None, "off")
+        assert shared.add_to(options, g, path) == [matmul_weight]  # checked before a session exists
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for got, expected in zip(session.run(None, {"x": x}), want):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
