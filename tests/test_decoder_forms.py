@@ -200,6 +200,55 @@ def test_a_prefill_that_outgrows_its_buffers_keeps_room_for_the_steps_after_it(e
     runner.deactivate()
 
 
+@pytest.mark.parametrize("chunk, past", [(4, 0), (3, 5), (8, 0)], ids=["chunks-4-4-1", "after-a-past", "one-chunk"])
+def test_a_chunked_prefill_is_the_prefill(export_none, tiny_model, chunk, past):
+    """The fused runner's chunked prefill (batch 1) gives the logits and caches of one run over every
+    position; a batch of two runs in one piece (ONNX Runtime's op takes several new positions after a
+    past for one row only: a batch of two cannot even run 9 positions after a past in one piece)."""
+    cfg = tiny_model.model.config.text_config
+    kvh, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    whole = OnnxRuntimeRunner("decoder", export_none / "decoder.ort.onnx", kv_buffers=True, prefill_chunk=0).activate()
+    parts = OnnxRuntimeRunner("decoder", export_none / "decoder.ort.onnx", kv_buffers=True,
+                              prefill_chunk=chunk).activate()
+    names = whole.input_names
+    for batch in (1, 2) if past == 0 else (1,):
+        x, mask, pos, caches = _decoder_inputs(cfg, batch, 9, past, pad=2, seed=chunk + past)
+        if batch == 1:
+            mask[0, :2] = 0  # a left-padded single row: the padding bias crosses the chunks
+        feeds = dict(zip(names, [t.numpy() for t in (x, mask, pos)]))
+        outs = []
+        for runner in (whole, parts):
+            buffers = [KVBuffer.empty((batch, kvh, hd), past + 12, np.float32) for _ in caches]
+            for b, c in zip(buffers, caches):
+                b.array[:, :, :past] = c.numpy()
+                b.length = past
+            outs.append(runner.infer({**feeds, **dict(zip(names[3:], buffers))}))
+        a, b = outs
+        assert b["logits"].shape == a["logits"].shape == (batch, 1, cfg.vocab_size)
+        np.testing.assert_allclose(b["logits"], a["logits"], atol=1e-6, rtol=1e-6)
+        for n in whole.output_names[1:]:
+            assert b[n].length == a[n].length == past + 9
+            np.testing.assert_allclose(np.asarray(b[n]), np.asarray(a[n]), atol=1e-6, rtol=1e-6)
+    whole.deactivate()
+    parts.deactivate()
+
+
+def test_prefill_chunk_option(export_none, images, prompts):
+    """``prefill_chunk``: 256 by default on the CPU provider, 0 turns it off, anything else but a chunk of
+    >= 2 positions is refused; a chunked batch-1 generation gives the tokens of an unchunked one."""
+    from fsr.runtime.pipeline import Pipeline
+
+    tokens = {}
+    for chunk, want in ((None, 256), (0, 0), (5, 5)):
+        with Pipeline(export_none, **({} if chunk is None else {"prefill_chunk": chunk})) as pipe:
+            assert pipe.runners["decoder"].prefill_chunk == want
+            tokens[want] = pipe.generate(images[:1], prompts[:1], max_new_tokens=6)[0].token_ids
+    assert tokens[5] == tokens[0] == tokens[256]
+    for bad in (1, -4, "many", 2.5):
+        with pytest.raises(BackendError, match="prefill_chunk"):
+            Pipeline(export_none, prefill_chunk=bad)
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 
