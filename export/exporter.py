@@ -254,8 +254,9 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
             onnx.checker.check_model(str(p), full_check=True)
 
     progress("writing manifest.json")
+    records: dict[Path, FileRecord] = {}  # a weight file several graphs refer to is hashed once
     manifest.graphs = {name: graph_entry(path, root, forms[name],
-                                         shared_index=shared is not None and name in shared["graphs"])
+                                         shared_index=shared is not None and name in shared["graphs"], records=records)
                        for name, path in paths.items()}
     if tjs:
         for name, entry in manifest.graphs.items():
@@ -346,14 +347,18 @@ def append_projector(model: onnx.ModelProto, projector, root: Path) -> onnx.Mode
 FORM_RUNTIMES = {"ort": "onnxruntime"}
 
 
-def graph_entry(path: Path, root: Path, forms: dict[str, Path] | None = None, shared_index: bool = False
-                ) -> GraphEntry:
+def graph_entry(path: Path, root: Path, forms: dict[str, Path] | None = None, shared_index: bool = False,
+                records: dict[Path, FileRecord] | None = None) -> GraphEntry:
     """Inputs, outputs, files and hashes of one written graph: the graph, the external data files it
     refers to (its own, the shared weights), when it holds shared weights their index; and its forms
     (sharing its weight file). Inputs with an initializer (a default value) are ``optional_inputs``."""
     model = onnx.load(path, load_external_data=False)
     extra = [path.parent / f for f in referenced_files(path)] + ([root / SHARED_INDEX] if shared_index else [])
-    files: list[FileRecord] = [file_record(root, p) for p in [path, *extra] if p.is_file()]
+    records = {} if records is None else records
+    for p in [path, *extra]:
+        if p.is_file() and p not in records:
+            records[p] = file_record(root, p)
+    files: list[FileRecord] = [records[p] for p in [path, *extra] if p.is_file()]
     defaults = {t.name for t in model.graph.initializer}
     inputs = [_tensor(v) for v in model.graph.input if v.name not in defaults]
     optional = [_tensor(v) for v in model.graph.input if v.name in defaults]

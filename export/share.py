@@ -14,6 +14,12 @@ segments hold for them, byte for byte). `share_weights` finds every float tensor
 - writes ``shared_weights.json``: the tensors (offset, length, dtype, shape) and which graph
   uses which, so a runtime can load each once and give the same buffer to every graph.
 
+A tensor that another graph already stores in a weight file of its own (a decoder segment
+with its fused ONNX Runtime form keeps its weights in ``<segment>.onnx.data``, shared by both
+forms) is not written again: the graphs that hold it inline refer to those bytes in that file
+(`stored_tensors` finds them, reading only the first elements of each same-shaped tensor
+unless they match).
+
 On disk the shared tensors exist once. ONNX Runtime loads each once when the backend
 registers it for every session (``SessionOptions.add_initializer``, see
 ``fsr.runtime.onnxrt``); TensorRT engines each own their weights.
@@ -70,6 +76,47 @@ def parameter_names(parameters, keys) -> dict[tuple, list[str]]:
     return out
 
 
+def _external(tensor: onnx.TensorProto) -> dict[str, str] | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def stored_tensors(root: Path, models: dict[str, onnx.ModelProto], keys) -> dict[tuple, tuple[str, int, int]]:
+    """``key -> (file, offset, length)`` for the inline tensors ``keys`` (`_key` tuples) whose bytes a
+    graph already stores as external data in a file of its own (never the shared file). Only
+    tensors of a wanted type and shape are read, and only their first elements unless those match."""
+    wanted: dict[tuple, list[tuple]] = {}
+    for key in keys:
+        wanted.setdefault((key[0], key[1]), []).append(key)
+    found: dict[tuple, tuple[str, int, int]] = {}
+    for model in models.values():
+        for tensor in model.graph.initializer:
+            info = _external(tensor)
+            candidates = wanted.get((tensor.data_type, tuple(tensor.dims)), []) if info else []
+            candidates = [k for k in candidates if k not in found]
+            if not candidates or info.get("location") == SHARED_DATA or "location" not in info:
+                continue
+            location, offset = info["location"], int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+            path = Path(root) / location
+            if not path.is_file():
+                continue
+            with open(path, "rb") as f:
+                f.seek(offset)
+                head = f.read(len(candidates[0][3]))
+                matching = [k for k in candidates if k[3] == head]
+                if not matching:
+                    continue
+                f.seek(offset)
+                raw = f.read(length) if length is not None else b""
+            digest = hashlib.sha256(raw).hexdigest()
+            for key in matching:
+                if key[2] == digest and len(raw) == length:
+                    found[key] = (location, offset, length)
+    return found
+
+
 def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
     """Rename tensors everywhere in ``graph`` and its subgraphs (Loop / If bodies)."""
     for node in graph.node:
@@ -99,8 +146,13 @@ def share_weights(root: Path, paths: dict[str, Path], parameters=()) -> dict | N
     for name, model in models.items():
         for key in {k for k in map(_key, model.graph.initializer) if k is not None}:
             users.setdefault(key, []).append(name)
-    shared = [key for key, graphs in users.items() if len(graphs) > 1]
+    # bytes a graph already keeps in a file of its own: referred to there, not written again
+    stored = stored_tensors(root, models, list(users))
+    referred = _refer_to_stored(models, stored)
+    shared = [key for key, graphs in users.items() if len(graphs) > 1 and key not in stored]
     if not shared:
+        for name in referred:
+            _save(models[name], paths[name])
         return None
     known = parameter_names(parameters, shared)
     canonical: dict[tuple, str] = {}
@@ -150,10 +202,30 @@ def share_weights(root: Path, paths: dict[str, Path], parameters=()) -> dict | N
                 model.graph.initializer.extend(kept)
                 _rename(model.graph, renames)
                 index["graphs"][name] = sorted(set(renames.values()))
-    for name in index["graphs"]:  # only the graphs that now refer to the shared file are rewritten
+    for name in set(index["graphs"]) | referred:  # only the graphs that now refer elsewhere are rewritten
         _save(models[name], paths[name])
     (Path(root) / SHARED_INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return index
+
+
+def _refer_to_stored(models: dict[str, onnx.ModelProto], stored: dict[tuple, tuple[str, int, int]]) -> set[str]:
+    """Turn every inline tensor whose bytes are ``stored`` into a reference to them; the graphs changed."""
+    changed: set[str] = set()
+    for name, model in models.items():
+        for tensor in model.graph.initializer:
+            key = _key(tensor)
+            if key is None or key not in stored:
+                continue
+            location, offset, length = stored[key]
+            for field in ("raw_data", "float_data", "int32_data", "double_data"):
+                tensor.ClearField(field)
+            del tensor.external_data[:]
+            for field, value in (("location", location), ("offset", offset), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = field, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            changed.add(name)
+    return changed
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

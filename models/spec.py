@@ -328,13 +328,12 @@ class ModelSpec:
         if manifest.relevance.source == CLIP_RELEVANCE:
             out.append(self.text_encoder_graph(loaded, manifest))
         dtype = TORCH_DTYPES[manifest.dtype]
-        # the fused ONNX Runtime form shares the portable decoder's weight file; an export whose pruning
-        # graphs share the segments' weights (`fsr.export.share`) keeps the portable decoder only
-        fused = not manifest.pruning_graphs
+        # each segment's fused ONNX Runtime form shares the portable segment's weight file; a pruning
+        # graph refers to the weights it shares with a segment there (`fsr.export.share`)
         for index, s in enumerate(manifest.decoder_segments):
             if s.prune_before:
                 out.append(self.pruning_graph(loaded, manifest, index, form))
-            out.append(self.decoder_graph(loaded, s.graph, *s.layers, dtype, with_forms=fused))
+            out.append(self.decoder_graph(loaded, s.graph, *s.layers, dtype))
         return out
 
     def graph(self, loaded: LoadedModel, manifest: Manifest, name: str, form: str = EXPORT) -> GraphSpec:

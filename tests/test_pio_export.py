@@ -127,42 +127,48 @@ def test_each_pruning_graph_matches_the_closed_form(export_pio64, manifest, sour
 
 def test_the_pruning_graphs_share_the_decoder_segments_weights(export_pio64, manifest, source):
     """Each pruning graph's matrices (its proxy layer = the next segment's first layer, and the LM head)
-    are not in its file: they are external data in shared_weights.data, under canonical names, the
-    same tensors the decoder segments read, byte-identical to the model's ``W`` (or ``W^T``)."""
-    index = json.loads((export_pio64 / SHARED_WEIGHTS_INDEX).read_text())
-    data = (export_pio64 / SHARED_WEIGHTS_DATA).read_bytes()
-    params = {f"shared/{n}": p.detach().numpy() for n, p in source.model.named_parameters() if p.dim() == 2}
-    params.update({f"{k}.T": v.T for k, v in list(params.items())})  # a graph may hold W or W^T
-    for name, t in index["tensors"].items():
-        raw = data[t["offset"]: t["offset"] + t["length"]]
-        np.testing.assert_array_equal(np.frombuffer(raw, t["dtype"]).reshape(t["shape"]), params[name])
+    are not in its file: they are external data referring to the bytes the decoder segments keep in
+    their own weight files (shared with their fused ONNX Runtime forms), at the segments' offsets,
+    byte-identical to the model's ``W``. Nothing is stored twice: no shared_weights file is needed."""
+    assert not (export_pio64 / SHARED_WEIGHTS_INDEX).exists() and not (export_pio64 / SHARED_WEIGHTS_DATA).exists()
+    params = {n: p.detach().numpy() for n, p in source.model.named_parameters() if p.dim() == 2}
+
+    def external(model):
+        out = {}
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                out[t.name] = (info["location"], int(info["offset"]), int(info["length"]), tuple(t.dims))
+        return out
+
+    segments = {s.graph: external(onnx.load(export_pio64 / f"{s.graph}.onnx", load_external_data=False))
+                for s in manifest.decoder_segments}
+    stored = {(loc, off) for refs in segments.values() for loc, off, _, _ in refs.values()}
+    last = manifest.decoder_segments[-1].graph
     for graph, layer in (("pruning_1", 1), ("pruning_10", 10), ("pruning_15", 15)):
-        names = set(index["graphs"][graph])
-        # the graphs keep each weight in its module's layout (fsr.export.trace): W, not W^T
-        assert names == {f"shared/model.language_model.layers.{layer}.{m}.weight" for m in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj")} | {"shared/lm_head.weight"}
         segment = next(s.graph for s in manifest.decoder_segments if s.prune_before == graph)
-        assert names - {"shared/lm_head.weight"} <= set(index["graphs"][segment])
         model = onnx.load(export_pio64 / f"{graph}.onnx", load_external_data=False)
+        found = set()
+        for location, offset, length, dims in external(model).values():
+            assert location in (f"{segment}.onnx.data", f"{last}.onnx.data") and (location, offset) in stored
+            with open(export_pio64 / location, "rb") as f:
+                f.seek(offset)
+                array = np.frombuffer(f.read(length), np.float32).reshape(dims)
+            found |= {n for n, p in params.items() if p.shape == array.shape and np.array_equal(p, array)}
+        # the graphs keep each weight in its module's layout (fsr.export.trace): W, not W^T
+        assert found == {f"model.language_model.layers.{layer}.{m}.weight" for m in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")} | {"lm_head.weight"}
         inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
                   and t.data_type == onnx.TensorProto.FLOAT and numpy_helper.to_array(t).size >= 256]
         assert not inline, [t.name for t in inline]
         files = [f.path for f in manifest.graph(graph).files]
-        assert files == [f"{graph}.onnx", SHARED_WEIGHTS_DATA, SHARED_WEIGHTS_INDEX]
-    assert "shared/lm_head.weight" in index["graphs"]["decoder_3"]
-
-
-def test_shared_and_copied_weights_generate_the_same(export_pio64):
-    """bench/shared_weights.py (fresh processes): ONNX Runtime with the shared tensors registered once
-    and with one copy per session generate the same tokens; the index names the bytes copies add."""
-    from fsr.bench.shared_weights import measure, table
-
-    result = measure(export_pio64, rounds=1, new_tokens=2)
-    shared, copied = result["runs"]
-    assert shared["share"] and not copied["share"]
-    assert shared["tokens"] == copied["tokens"] and len(shared["tokens"]) >= 1
-    assert result["copies_avoided_mib"] > 0 and "| shared |" in table(result)
+        assert files == [f"{graph}.onnx", *dict.fromkeys([f"{segment}.onnx.data", f"{last}.onnx.data"])]
+    # every segment has its fused ONNX Runtime form, on the same weight file
+    for s in manifest.decoder_segments:
+        entry = manifest.graph(s.graph)
+        assert list(entry.forms) == ["ort"]
+        assert [f.path for f in entry.forms["ort"].files] == [f"{s.graph}.ort.onnx", f"{s.graph}.onnx.data"]
 
 
 def test_pruning_graphs_do_not_grow_with_keep(export_pio64):

@@ -85,3 +85,34 @@ def test_onnx_runtime_registers_only_what_it_reads_as_a_weight(tmp_path):
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for got, expected in zip(session.run(None, {"x": x}), want):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_bytes_a_graph_stores_in_its_own_file_are_referred_to_there(tmp_path):
+    """A tensor one graph keeps in a weight file of its own (a decoder segment's ``.onnx.data``) and
+    another holds inline: the second refers to the first's bytes (same file and offset); nothing is
+    written to the shared file; a tensor that only matches in its first elements is not taken for it."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((64, 48)).astype(np.float32)
+    near = a.copy()
+    near[-1, -1] += 1.0  # the same first elements, other bytes
+    paths = {name: tmp_path / f"{name}.onnx" for name in ("segment", "pruning", "other")}
+    _graph(paths["segment"], a, "seg_w")
+    model = onnx.load(paths["segment"])
+    onnx.save_model(model, paths["segment"], save_as_external_data=True, location="segment.onnx.data",
+                    size_threshold=1024)
+    _graph(paths["pruning"], a, "proxy_w")
+    _graph(paths["other"], near, "near_w")
+    assert share_weights(tmp_path, paths) is None  # nothing left for a shared file
+    assert not (tmp_path / SHARED_WEIGHTS_DATA).exists() and not (tmp_path / SHARED_WEIGHTS_INDEX).exists()
+
+    def location(path):
+        [t] = onnx.load(path, load_external_data=False).graph.initializer
+        return {e.key: e.value for e in t.external_data} if t.data_location == onnx.TensorProto.EXTERNAL else None
+
+    seg, pruning = location(paths["segment"]), location(paths["pruning"])
+    assert pruning == seg and seg["location"] == "segment.onnx.data"
+    assert location(paths["other"]) is None  # inline as it was
+    for name, weight in (("segment", a), ("pruning", a), ("other", near)):
+        x = rng.standard_normal((1, 64)).astype(np.float32)
+        session = ort.InferenceSession(str(paths[name]), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight, rtol=1e-5, atol=1e-5)
