@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from fsr.errors import FsrError
+from fsr.onnx_io import subgraph_reads
 
 FSR_DOMAIN, FSR_OP = "fsr", "FocusScanRefine"
 FSR = (FSR_DOMAIN, FSR_OP)
@@ -47,18 +48,6 @@ def _value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
     return infos
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If / Loop / Scan bodies) read from the outer scope, or may."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                names.update(inner.input)
-                names.update(_subgraph_inputs(inner))
-    return names
-
-
 def _needed_nodes(nodes, outputs: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
     """The nodes that ``outputs`` depend on (order kept) and every name they read."""
     needed, keep = set(outputs), []
@@ -66,7 +55,7 @@ def _needed_nodes(nodes, outputs: set[str]) -> tuple[list[onnx.NodeProto], set[s
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
-            needed.update(_subgraph_inputs(node))
+            needed.update(subgraph_reads(node))
     return keep[::-1], needed
 
 

@@ -51,3 +51,16 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     return [path, data]
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name the subgraphs of ``node`` (If / Loop / Scan bodies, at any depth) read: from
+    the outer scope, or may."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(inner.input)
+                names |= subgraph_reads(inner)
+    return names

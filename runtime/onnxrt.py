@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fsr.manifest import Manifest
-from fsr.onnx_io import SHARED_WEIGHTS_INDEX
+from fsr.onnx_io import SHARED_WEIGHTS_INDEX, subgraph_reads
 from fsr.runtime.backend import Backend, BackendError, Runner
 
 #: the manifest's form of a graph this backend prefers (fused attention, KV buffers updated in place)
@@ -179,26 +179,12 @@ def weight_initializers(path: Path) -> set[str]:
         for index, name in enumerate(node.input):
             if name in initializers:
                 uses.setdefault(name, set()).add((op, index))
-        for name in _subgraph_reads(node) & initializers:  # read inside a Loop / If body: not a plain weight
+        for name in subgraph_reads(node) & initializers:  # read inside a Loop / If body: not a plain weight
             uses.setdefault(name, set()).add(("subgraph", -1))
     for output in graph.output:
         if output.name in initializers:
             uses.setdefault(output.name, set()).add(("output", -1))
     return {name for name, used in uses.items() if used <= WEIGHT_USES}
-
-
-def _subgraph_reads(node) -> set[str]:
-    """Every tensor name the subgraphs of ``node`` (at any depth) read."""
-    import onnx  # noqa: PLC0415
-
-    names: set[str] = set()
-    for attribute in node.attribute:
-        subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for sub in subs:
-            for inner in sub.node:
-                names.update(inner.input)
-                names |= _subgraph_reads(inner)
-    return names
 
 
 class OnnxRuntimeRunner(Runner):
