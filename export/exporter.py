@@ -246,7 +246,7 @@ def _export_into(loaded: LoadedModel, root: Path, settings: ExportSettings, prog
 
     progress("sharing the weights several graphs hold (one copy on disk)")
     parameters = ((name, p.detach().cpu().numpy()) for name, p in loaded.model.named_parameters())
-    shared = share_weights(root, paths, parameters)
+    shared = share_weights(root, paths, parameters, refer_to_stored=not tjs)
 
     progress("checking every graph (onnx.checker, full)")
     for name, path in paths.items():

@@ -132,12 +132,14 @@ def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
         tensor.name = renames.get(tensor.name, tensor.name)
 
 
-def share_weights(root: Path, paths: dict[str, Path], parameters=()) -> dict | None:
+def share_weights(root: Path, paths: dict[str, Path], parameters=(), refer_to_stored: bool = True) -> dict | None:
     """Share the tensors that two or more of ``paths`` (graph name -> ONNX file in ``root``) hold.
 
-    ``parameters``: ``(name, numpy array)`` pairs of the model (canonical names). Rewrites the
-    graphs in place; returns the index written to ``shared_weights.json`` (None when nothing is
-    shared: no file is written).
+    ``parameters``: ``(name, numpy array)`` pairs of the model (canonical names).
+    ``refer_to_stored``: point inline tensors at the bytes another graph keeps in its own weight file
+    (off for a layout whose reader expects each graph's external data in files of its own:
+    Transformers.js). Rewrites the graphs in place; returns the index written to
+    ``shared_weights.json`` (None when nothing is shared: no file is written).
     """
     # external tensors (a graph's own weight file: the decoder's, shared with its other forms) are
     # never candidates (`_key`): they are not loaded, and stay as they are
@@ -147,7 +149,7 @@ def share_weights(root: Path, paths: dict[str, Path], parameters=()) -> dict | N
         for key in {k for k in map(_key, model.graph.initializer) if k is not None}:
             users.setdefault(key, []).append(name)
     # bytes a graph already keeps in a file of its own: referred to there, not written again
-    stored = stored_tensors(root, models, list(users))
+    stored = stored_tensors(root, models, list(users)) if refer_to_stored else {}
     referred = _refer_to_stored(models, stored)
     shared = [key for key, graphs in users.items() if len(graphs) > 1 and key not in stored]
     if not shared:
