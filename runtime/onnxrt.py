@@ -19,8 +19,11 @@ What it does beyond running graphs (issue 13, measured in bench/README.md):
 - **Chunked prefill.** On the CPU, ONNX Runtime's GroupQueryAttention computes a prompt's whole
   S x S score matrix (no causal skipping): a long prompt through the fused form runs as chunks of
   ``prefill_chunk`` positions (default 256 on the CPU provider, off elsewhere), each attending to
-  the buffers the chunks before it filled, which skips most of the masked half (624 positions,
-  small preset: 204 -> 175 ms measured, the same logits and cache bit for bit). Batch 1 only:
+  the buffers the chunks before it filled, which skips most of the masked half; each chunk reads
+  the weights again, so the gain is smaller than the attention saved (624 positions, 12 runs
+  interleaved: the pipeline's prefill 208 -> 199 ms on the small preset, 385 -> 353 ms on the
+  32-layer small-deep; the decoder session alone in equal thirds 204 -> 175 ms; the same logits
+  and cache bit for bit). Batch 1 only:
   ONNX Runtime's op takes several new positions after a past only for one row.
 - **The embedding off the per-token path.** `embedding_table` returns the token-embedding
   table when the embed graph is a plain lookup (one ``Gather`` of an initializer), so the
