@@ -181,6 +181,7 @@ def summarize_runs(target: Target, batch: int, runs: list[dict], settings: Bench
         "seq_len": seq_len,
         "new_tokens": settings.new_tokens,
         "export": str(target.export_dir) if target.export_dir else None,
+        "backend_options": target.pipeline.backend.options(),
         "timings_ms": timings,
         "segments": segments,
         "loadavg": summarize(load),

@@ -105,6 +105,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def runner(self, graph: str) -> Runner: ...
 
+    def options(self) -> dict:
+        """The options this back end runs with, defaults resolved (what a benchmark records)."""
+        return {}
+
     def to_host(self, array: Any) -> np.ndarray:
         return np.asarray(array)
 

@@ -353,6 +353,11 @@ class OnnxRuntimeBackend(Backend):
         self.share_weights = share_weights
         self._shared: SharedWeights | None = None
 
+    def options(self) -> dict:
+        return {"providers": self.providers or ort.get_available_providers(), "threads": self.threads,
+                "spin": self.spin, "fused": self.fused, "embed_lookup": self.embed_lookup,
+                "prefill_chunk": self.prefill_chunk, "share_weights": self.share_weights}
+
     def shared_weights(self, graph: str) -> SharedWeights | None:
         """The export's shared tensors when ``graph`` holds some (its files list their index) and
         ``share_weights`` is on. Off by default: only tensors a graph reads directly as weights are

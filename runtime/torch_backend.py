@@ -101,6 +101,9 @@ class TorchBackend(Backend):
         self.method = get_method(manifest.method.name)
         self.settings = self.method.settings_from_json(manifest.method.settings)
 
+    def options(self) -> dict:
+        return {"device": str(self.device), "method_form": self.method_form, "dtype": str(self.dtype)}
+
     @classmethod
     def from_model(cls, loaded: LoadedModel, manifest: Manifest, device: str | None = None,
                    **options) -> "TorchBackend":

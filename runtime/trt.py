@@ -214,6 +214,10 @@ class TensorRTBackend(Backend):
         except TensorRTMissing as exc:
             raise BackendError(str(exc)) from exc
 
+    def options(self) -> dict:
+        return {"precision": self.precision, "plugin": self.plugin, "cuda_graphs": self.cuda_graphs,
+                "device": self.device}
+
     def runner(self, graph: str) -> TensorRTRunner:
         entry_graph = self.manifest.graphs.get(graph)
         if entry_graph is None:

@@ -151,6 +151,8 @@ def test_json_has_every_field(bench_run):
     for row in doc["results"]:
         for field in ROW_FIELDS:
             assert field in row, field
+        # the options the backend ran with, defaults resolved (ONNX Runtime on the CPU: chunked prefill)
+        assert row["backend_options"]["prefill_chunk"] == 256 and row["backend_options"]["spin"] == "off"
         for name in TIMINGS:
             summary = row["timings_ms"][name]
             assert summary["n"] == 2 and summary["q1"] <= summary["median"] <= summary["q3"], name
