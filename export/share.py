@@ -95,10 +95,9 @@ def stored_tensors(root: Path, models: dict[str, onnx.ModelProto], keys) -> dict
             info = _external(tensor)
             candidates = wanted.get((tensor.data_type, tuple(tensor.dims)), []) if info else []
             candidates = [k for k in candidates if k not in found]
-            if not candidates or info.get("location") == SHARED_DATA or "location" not in info:
+            if not candidates or "location" not in info or "length" not in info or info["location"] == SHARED_DATA:
                 continue
-            location, offset = info["location"], int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else None
+            location, offset, length = info["location"], int(info.get("offset", 0)), int(info["length"])
             path = Path(root) / location
             if not path.is_file():
                 continue
@@ -109,7 +108,7 @@ def stored_tensors(root: Path, models: dict[str, onnx.ModelProto], keys) -> dict
                 if not matching:
                     continue
                 f.seek(offset)
-                raw = f.read(length) if length is not None else b""
+                raw = f.read(length)
             digest = hashlib.sha256(raw).hexdigest()
             for key in matching:
                 if key[2] == digest and len(raw) == length:
@@ -188,15 +187,8 @@ def share_weights(root: Path, paths: dict[str, Path], parameters=(), refer_to_st
                         "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name}
                     written.add(key)
                 record = index["tensors"][target]
-                for field in ("raw_data", "float_data", "int32_data", "double_data"):
-                    tensor.ClearField(field)
                 tensor.name = target
-                del tensor.external_data[:]
-                for field, value in (("location", SHARED_DATA), ("offset", record["offset"]),
-                                     ("length", record["length"])):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = field, str(value)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
+                _point_to(tensor, SHARED_DATA, record["offset"], record["length"])
                 keep.append(tensor)
             if renames:
                 kept = [onnx.TensorProto.FromString(t.SerializeToString()) for t in keep]
@@ -218,16 +210,20 @@ def _refer_to_stored(models: dict[str, onnx.ModelProto], stored: dict[tuple, tup
             key = _key(tensor)
             if key is None or key not in stored:
                 continue
-            location, offset, length = stored[key]
-            for field in ("raw_data", "float_data", "int32_data", "double_data"):
-                tensor.ClearField(field)
-            del tensor.external_data[:]
-            for field, value in (("location", location), ("offset", offset), ("length", length)):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = field, str(value)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            _point_to(tensor, *stored[key])
             changed.add(name)
     return changed
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` external data: ``length`` bytes at ``offset`` of ``location`` (its inline data dropped)."""
+    for field in ("raw_data", "float_data", "int32_data", "double_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    for field, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = field, str(value)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

@@ -511,9 +511,9 @@ class ModelSpec:
                          dynamic_shapes=(batch, batch))
 
     def decoder_graph(self, loaded: LoadedModel, name: str, start: int, stop: int, dtype: torch.dtype,
-                      attention: str = PORTABLE, *, with_forms: bool = True) -> GraphSpec:
-        """A decoder segment: the portable form (its ``forms`` hold the fused ONNX Runtime one, unless
-        ``with_forms`` is False)."""
+                      attention: str = PORTABLE) -> GraphSpec:
+        """A decoder segment: the portable form, its ``forms`` holding the fused ONNX Runtime one (the
+        fused form itself: ``attention=FUSED``)."""
         step = self.decoder_step(loaded, start, stop, attention)
         llm = self.llm_dims(loaded.config)
         n_past = 2 * (stop - start)
@@ -543,7 +543,7 @@ class ModelSpec:
             from fsr.models.attention import gqa_translation_table
 
             spec.translations = gqa_translation_table
-        elif with_forms:
+        else:
             spec.forms = {ORT_FORM: self.decoder_graph(loaded, name, start, stop, dtype, FUSED)}
         return spec
 

@@ -275,9 +275,9 @@ class OnnxRuntimeRunner(Runner):
         seq, total = feed_dict[first].shape[1], feed_dict["attention_mask"].shape[1]
         past = total - seq
         pasts = {n for n, _ in self._pairs}
-        chunked = {first, "attention_mask", "position_ids", *pasts}
         # (ONNX Runtime's GroupQueryAttention takes several new positions after a past for batch 1 only)
-        if 0 < self.prefill_chunk < seq and set(feed_dict) == chunked and feed_dict[first].shape[0] == 1:
+        if 0 < self.prefill_chunk < seq and feed_dict[first].shape[0] == 1 and \
+                set(feed_dict) == {first, "attention_mask", "position_ids", *pasts}:
             return self._infer_in_chunks(feed_dict, seq, past)
         if any(n in feed_dict for n in self._optional):
             # IO binding cannot feed an overridable initializer: run plainly with the buffers as inputs;
@@ -315,13 +315,14 @@ class OnnxRuntimeRunner(Runner):
         position's logits) is the last chunk's."""
         first, total = self._inputs[0], past + seq
         caches = {n: self._buffer(n, feed_dict[n], past, total) for n, _ in self._pairs}
-        x, mask, positions = feed_dict[first], np.asarray(feed_dict["attention_mask"]), feed_dict["position_ids"]
+        x, mask, positions = (feed_dict[first], np.asarray(feed_dict["attention_mask"]),
+                              np.asarray(feed_dict["position_ids"]))
         parts: dict[str, list] = {}
         out: dict[str, Any] = {}
         for start in range(0, seq, self.prefill_chunk):
             stop = min(start + self.prefill_chunk, seq)
             out = self._infer_in_place({first: x[:, start:stop], "attention_mask": mask[:, :past + stop],
-                                        "position_ids": np.asarray(positions)[..., start:stop], **caches})
+                                        "position_ids": positions[..., start:stop], **caches})
             caches = {past_name: out[present_name] for past_name, present_name in self._pairs}
             for name, value in out.items():
                 if not isinstance(value, KVBuffer) and value.ndim >= 2 and value.shape[1] == stop - start:
